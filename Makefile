@@ -1,0 +1,43 @@
+# The README's commands. `make demo` and `make test` both install the kit's pinned environment into .venv first,
+# and only when pyproject.toml or constraints.txt changed since the last install.
+SHELL  := /bin/bash
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-nbs test-py docs lab ui sync-check
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/coronary-mlops demo
+
+# 1-2: the notebooks are the source, so cleaning and exporting them must change nothing that is committed
+sync-check: install
+	@tools/unchanged.sh $(BIN)/nbdev-clean
+	@tools/unchanged.sh $(BIN)/nbdev-export
+
+test-nbs: install
+	$(BIN)/nbdev-test --n-workers 2
+
+test-py: install
+	$(BIN)/python -m pytest tests
+
+test: sync-check test-nbs test-py
+	$(BIN)/python tools/build_docs.py --check
+
+docs: install
+	$(BIN)/python tools/build_docs.py
+
+lab: install
+	$(BIN)/jupyter lab --notebook-dir=nbs
+
+ui: install
+	$(BIN)/coronary-mlops ui

@@ -9,12 +9,12 @@ INI = "[mlflow]\nexperiment_name = from-ini\n[training]\nepochs = 5\nbatch_size 
 
 
 @pytest.fixture
-def project(clean_env):
+def project(clean_env, monkeypatch):
     "A project folder with settings.ini, a .env and a nested notebook folder; cwd is the nested folder"
     p = clean_env/'proj'; (p/'nbs'/'api').mkdir(parents=True)
     (p/'settings.ini').write_text(INI)
     (p/'.env').write_text("CORONARY_MLOPS_BATCH_SIZE=8\nCORONARY_MLOPS_SEED=2\nCORONARY_MLOPS_LEARNING_RATE=0.25\n")
-    os.chdir(p/'nbs'/'api')
+    monkeypatch.chdir(p/'nbs'/'api')
     return p
 
 

@@ -50,6 +50,6 @@ def test_broken_link_is_reported(tmp_path):
 
 def test_readme_is_generated_from_index(site):
     readme = (ROOT/'README.md').read_text()
-    assert readme == build_docs.render_readme(build_docs.get_config())
+    assert readme == build_docs.render_readme(build_docs.get_config(ROOT))
     assert 'make demo' in readme and 'make test' in readme and 'MLFLOW_TRACKING_URI' in readme
     assert len(readme.splitlines()) < 70

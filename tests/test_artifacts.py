@@ -430,3 +430,20 @@ def test_module_functions_use_the_active_run(tmp_path, clean_env):
         assert 'SECRET' not in info
         with pytest.raises(ValueError, match='No run'): A.log_epoch_artifacts(0, metrics={'a': 1}, settings=s)
     finally: mlflow.set_tracking_uri(None) if hasattr(mlflow, 'set_tracking_uri') else None
+
+
+def test_training_and_prediction_helpers_file_under_the_layout(tmp_path, clean_env):
+    import nibabel as nib
+    st = make_store(tmp_path)
+    log = tmp_path/'train.log'; log.write_text('ok\n')
+    fig, ax = plt.subplots(); ax.plot([1, 2])
+    with MLflowArtifactManager(st.settings, st.client) as m:
+        p = m.log_training_artifacts(4, curves=fig, logs=log, config={'a': 1}, run_id=st.run_id)
+        q = m.log_prediction_artifacts(4, {'case_7': torch.ones(4, 4, 2)}, sample_images=log, run_id=st.run_id)
+    assert (p['training_curves'], p['logs'], p['config']) == ('visualizations/training_curves/epoch_004/curves.png',
+                                                              'logs/epoch_004/train.log', 'config/epoch_004/config.json')
+    assert (q['predictions'], q['sample_images']) == ('predictions/epoch_004/case_7.nii.gz', 'samples/epoch_004/train.log')
+    vol = nib.load(st.client.download_artifacts(st.run_id, q['predictions'], str(tmp_path/'d')))
+    assert vol.shape == (4, 4, 2) and float(np.asarray(vol.dataobj).sum()) == 32
+    with MLflowArtifactManager(st.settings, st.client) as m, pytest.raises(ValueError, match='Unsafe case name'):
+        m.log_prediction_artifacts(5, {'../x': torch.ones(2)}, run_id=st.run_id)

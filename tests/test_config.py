@@ -166,3 +166,23 @@ def test_repo_settings_ini_is_valid_and_says_what_it_is():
     assert 'NOT nbdev' in text.split('[mlflow]')[0]
     s = load_settings(settings_file=ROOT/'settings.ini', environ={'HOME': '/nonexistent'})
     assert s.sources['experiment_name'] == 'settings.ini'
+
+
+def test_apply_then_plain_start_run_logs_beside_the_store_not_in_cwd(clean_env):
+    "The README's Python path: apply(), then mlflow.start_run() and log_epoch_artifacts, from an unrelated folder"
+    code = """
+import mlflow, torch
+from coronary_mlops.config import load_settings
+from coronary_mlops.artifacts import log_epoch_artifacts, flush, verify_run_artifacts
+load_settings(settings_file=False).apply()
+with mlflow.start_run() as r:
+    log_epoch_artifacts(0, torch.nn.Linear(2, 2), {'val_dice': 0.5}, artifacts={'config': {'a': 1}})
+    flush()
+print(verify_run_artifacts(r.info.run_id).ok)
+"""
+    work = clean_env/'elsewhere'; work.mkdir()
+    out = subprocess.run([sys.executable, '-c', code], cwd=work, env={**os.environ}, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == 'True'
+    store = clean_env/'xdg'/'coronary_mlops'
+    assert list((store/'artifacts').rglob('config.json')) and not list(work.rglob('*'))

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import mlflow, numpy as np, torch
 
 from coronary_mlops.config import load_settings, get_or_create_experiment
-from coronary_mlops.artifacts import MLflowArtifactManager, dumps_json
+from coronary_mlops.artifacts import MLflowArtifactManager
 
 OUT = Path(__file__).parent/'results'/'artifacts.json'
 MB = 2**20

@@ -1,5 +1,5 @@
 "The epoch artifact manager against a real SQLite store and a real `mlflow server` with proxied artifacts"
-import json, logging, math, multiprocessing as mp, os, random, shutil, signal, subprocess, sys, threading, time, uuid
+import json, logging, math, multiprocessing as mp, os, random, signal, subprocess, sys, threading, time, uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,7 +11,7 @@ from mlflow.utils.mlflow_tags import LATEST_CHECKPOINT_ARTIFACT_TAG_KEY
 from coronary_mlops.config import load_settings, get_or_create_experiment
 from coronary_mlops import artifacts as A
 from coronary_mlops.artifacts import (MLflowArtifactManager, ArtifactUploadError, atomic_torch_save, load_checkpoint,
-                                      read_json, check_name)
+                                      check_name)
 from servers import MlflowServer
 
 

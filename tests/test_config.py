@@ -1,6 +1,5 @@
 "Settings precedence, file discovery, redaction and bad values, against real files and the real environment"
 import os, subprocess, sys
-from pathlib import Path
 import pytest
 from coronary_mlops.config import load_settings, SettingsError, DEFAULTS, redact, get_or_create_experiment
 from conftest import ROOT, run_cli

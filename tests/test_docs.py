@@ -1,6 +1,5 @@
 "The docs build without Quarto: a page per notebook, every public name shown, links that resolve"
 import importlib, re, subprocess, sys
-from pathlib import Path
 import pytest
 from nbdev.config import nbpath2html
 from conftest import ROOT

@@ -34,12 +34,12 @@ from tqdm.auto import tqdm
 from .config import Settings, load_settings, redact, redact_uri
 
 # %% auto #0
-__all__ = ['LAYOUT', 'FILE_NAMES', 'CATEGORY_SUFFIXES', 'NONFINITE', 'CHUNK', 'COMPRESSIBLE', 'FIGURE_NAMES', 'log',
-           'WEIGHT_SUFFIXES', 'epoch_dir', 'categorize', 'type_dir', 'layout_markdown', 'check_name', 'safe_join',
-           'to_jsonable', 'dumps_json', 'read_json', 'sha256_file', 'sweep_stale_temps', 'atomic_torch_save',
-           'load_checkpoint', 'snapshot_state', 'state_tensors', 'software_versions', 'training_context',
-           'epoch_summary', 'CheckpointPolicy', 'ArtifactUploadError', 'VerifyReport', 'MLflowArtifactManager',
-           'default_manager', 'log_epoch_artifacts', 'log_final_model', 'flush', 'replay_spool', 'verify_run_artifacts']
+__all__ = ['LAYOUT', 'FILE_NAMES', 'CATEGORY_SUFFIXES', 'NONFINITE', 'CHUNK', 'COMPRESSIBLE', 'FIGURE_NAMES', 'WEIGHT_SUFFIXES',
+           'epoch_dir', 'categorize', 'type_dir', 'layout_markdown', 'check_name', 'safe_join', 'to_jsonable',
+           'dumps_json', 'read_json', 'sha256_file', 'sweep_stale_temps', 'atomic_torch_save', 'load_checkpoint',
+           'snapshot_state', 'state_tensors', 'software_versions', 'training_context', 'epoch_summary',
+           'CheckpointPolicy', 'ArtifactUploadError', 'VerifyReport', 'MLflowArtifactManager', 'default_manager',
+           'log_epoch_artifacts', 'log_final_model', 'flush', 'replay_spool', 'verify_run_artifacts']
 
 # %% ../nbs/api/01_artifacts.ipynb #5a0987db
 LAYOUT = {
@@ -319,10 +319,12 @@ class VerifyReport:
         return '\n'.join([f"**run `{self.run_id}`**: {self.checked} files checked, {'all good' if self.ok else 'problems found'}",
                           '', '| problem | count | files |', '|---|---|---|', *rows])
 
+# %% ../nbs/api/01_artifacts.ipynb #b73f03d0
+log = logging.getLogger('coronary_mlops.artifacts')
+
 # %% ../nbs/api/01_artifacts.ipynb #28a4fae9
 COMPRESSIBLE = ('.nii', '.json', '.txt', '.log', '.csv', '.npy', '.raw', '.nrrd', '.mha', '.vtk')
 FIGURE_NAMES = {'training_curves': 'curves.png'}
-log = logging.getLogger('coronary_mlops.artifacts')
 
 class MLflowArtifactManager:
     "Files epochs of a run into MLflow under `LAYOUT`; use as `with MLflowArtifactManager() as m: m.log_epoch(...)`"

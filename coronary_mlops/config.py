@@ -15,6 +15,7 @@ from dotenv import dotenv_values, load_dotenv
 from fastcore.basics import patch
 import mlflow
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 # %% auto #0
 __all__ = ['SECTIONS', 'DEFAULTS', 'SECTION_OF', 'ENV_ALIASES', 'ENV_PREFIX', 'LOCATOR_VARS', 'SECRET_MARKERS', 'REDACTED',
@@ -313,4 +314,7 @@ def get_or_create_experiment(settings:Settings, client=None, name:str|None=None,
     exp = client.get_experiment_by_name(name)
     if exp is not None: return exp.experiment_id
     loc = f"{settings.artifact_location}/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}" if settings.artifact_location else None
-    return client.create_experiment(name, artifact_location=loc, tags=tags)
+    try: return client.create_experiment(name, artifact_location=loc, tags=tags)
+    except MlflowException:  # another process created it between the lookup and here
+        if (exp := client.get_experiment_by_name(name)) is not None: return exp.experiment_id
+        raise

@@ -20,3 +20,58 @@ def run_cli(*args, env=None, cwd=None, check=True):
     "Run the installed `coronary-mlops` command and return the CompletedProcess"
     exe = shutil.which('coronary-mlops', path=str(BIN)) or 'coronary-mlops'
     return subprocess.run([exe, *args], env=env, cwd=cwd, capture_output=True, text=True, check=check, timeout=300)
+
+
+# --- the real server stack: PostgreSQL + SeaweedFS S3 + mlflow server, one per test session -------------------
+import secrets, uuid
+from servers import MlflowServer, PostgresDB, SeaweedS3, S3_ENV
+
+
+@pytest.fixture(scope='session')
+def s3(tmp_path_factory):
+    with SeaweedS3(tmp_path_factory.mktemp('seaweedfs')) as s: yield s
+
+
+@pytest.fixture(scope='session')
+def pg_db():
+    with PostgresDB() as db: yield db
+
+
+def stack_server(root, pg_db, s3, port=None, **kw):
+    "An mlflow server on `pg_db` with artifacts proxied to the S3 bucket"
+    env = {**S3_ENV, 'MLFLOW_S3_ENDPOINT_URL': s3.endpoint}
+    return MlflowServer(root, port=port, backend=pg_db.uri, artifacts=f"s3://{s3.bucket}/artifacts", env=env, **kw)
+
+
+@pytest.fixture(scope='session')
+def server_stack(tmp_path_factory, pg_db, s3):
+    with stack_server(tmp_path_factory.mktemp('mlflow-stack'), pg_db, s3) as srv: yield srv
+
+
+@pytest.fixture(params=['sqlite', 'server'])
+def store(request, clean_env, tmp_path):
+    "Settings for a fresh experiment on the embedded SQLite store, then on the PostgreSQL + S3 server"
+    from coronary_mlops.config import load_settings
+    name = f"exp-{uuid.uuid4().hex[:8]}"
+    if request.param == 'sqlite': return load_settings(False, store_dir=str(tmp_path/'store'), experiment_name=name)
+    srv = request.getfixturevalue('server_stack')
+    return load_settings(False, store_dir=str(tmp_path/'client'), tracking_uri=srv.uri, experiment_name=name)
+
+
+@pytest.fixture(scope='session')
+def auth_server(tmp_path_factory):
+    "`mlflow server --app-name basic-auth` with an admin and a READ-only user (passwords random per session)"
+    import requests
+    root = tmp_path_factory.mktemp('mlflow-auth')
+    users = {'admin': 'adm-' + secrets.token_urlsafe(18), 'reader': 'rd-' + secrets.token_urlsafe(18)}
+    ini = root/'auth.ini'
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{root/'auth.db'}\nadmin_username = admin\nadmin_password = {users['admin']}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env = {'MLFLOW_AUTH_CONFIG_PATH': str(ini), 'MLFLOW_FLASK_SERVER_SECRET_KEY': secrets.token_hex(16)}
+    with MlflowServer(root, app_name='basic-auth', env=env) as srv:
+        r = requests.post(f"{srv.uri}/api/2.0/mlflow/users/create", json={'username': 'reader', 'password': users['reader']},
+                          auth=('admin', users['admin']), timeout=10)
+        r.raise_for_status()
+        srv.users = users
+        yield srv

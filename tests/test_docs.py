@@ -51,4 +51,4 @@ def test_readme_is_generated_from_index(site):
     readme = (ROOT/'README.md').read_text()
     assert readme == build_docs.render_readme(build_docs.get_config(ROOT))
     assert 'make demo' in readme and 'make test' in readme and 'MLFLOW_TRACKING_URI' in readme
-    assert len(readme.splitlines()) < 70
+    assert len(readme.splitlines()) < 110  # a front page, not a manual: the API pages hold the detail

@@ -1,23 +1,29 @@
 "The `coronary-mlops` command end to end, as a new user runs it: a real process and a real embedded store"
-import os
+import os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest
 from mlflow import MlflowClient
-from conftest import run_cli
+from conftest import run_cli, BIN
+
+SMALL = ['--epochs', '2', '--roi', '32', '--synthetic', '4']
 
 
-def test_demo_logs_a_finished_run_into_the_default_store_from_any_folder(clean_env):
+def test_demo_logs_a_finished_registered_run_into_the_default_store_from_any_folder(clean_env):
     env = {**os.environ}
     (clean_env/'a').mkdir(); (clean_env/'b').mkdir()
-    outs = [run_cli('demo', '--steps', '15', env=env, cwd=clean_env/d).stdout for d in 'ab']
+    outs = [run_cli('demo', *SMALL, env=env, cwd=clean_env/d).stdout for d in 'ab']
     db = (clean_env/'xdg'/'coronary_mlops'/'mlflow.db').resolve()
     assert db.exists() and all(f'sqlite:///{db}' in o for o in outs)
-    assert all('mlflow ui --backend-store-uri' in o and 'nbs/index.ipynb' in o for o in outs)
-    client = MlflowClient(f'sqlite:///{db}')
+    assert all('mlflow ui --backend-store-uri' in o and 'nbs/index.ipynb' in o and 'best validation Dice' in o for o in outs)
+    client = MlflowClient(f'sqlite:///{db}', registry_uri=f'sqlite:///{db}')  # not the process-wide registry URI of earlier tests
     runs = client.search_runs([client.get_experiment_by_name('coronary-segmentation').experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {'FINISHED'}
     assert {r.info.run_id for r in runs} == {o.split('run ')[1].split()[0] for o in outs}
     hist = client.get_metric_history(runs[0].info.run_id, 'train_loss')
-    assert [m.step for m in hist] == list(range(15)) and hist[-1].value < hist[0].value
-    assert runs[0].data.params['epochs'] == '20'
+    assert [m.step for m in hist] == [0, 1]
+    assert runs[0].data.params['epochs'] == '2' and runs[0].data.params['roi_size'] == '[32,32,32]'
+    champ = client.get_model_version_by_alias('coronary-coronary-segmentation', 'champion')
+    assert champ.run_id in {r.info.run_id for r in runs}
     assert not list(clean_env.glob('*/mlruns')) and not list(clean_env.glob('*/mlflow.db'))
 
 
@@ -26,3 +32,39 @@ def test_info_shows_sources(clean_env):
     out = run_cli('info', env=env, cwd=clean_env).stdout
     line = next(l for l in out.splitlines() if l.strip().startswith('epochs'))
     assert line.split() == ['epochs', '7', 'environment']
+
+
+def test_train_bad_data_is_one_clear_line(clean_env):
+    (clean_env/'empty').mkdir()
+    p = run_cli('train', '--data', str(clean_env/'empty'), check=False, cwd=clean_env)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr
+    assert 'No image/label pairs' in p.stderr and '--synthetic N' in p.stderr
+    p = run_cli('train', '--synthetic', '2', '--epochs', '1', check=False, cwd=clean_env)
+    assert p.returncode == 2 and '2 cases cannot be split' in p.stderr
+    p = run_cli('train', '--synthetic', '3', '--roi', '50', check=False, cwd=clean_env)
+    assert p.returncode == 2 and 'must be divisible by 8' in p.stderr
+
+
+def test_ctrl_c_ends_the_run_killed_and_keeps_the_last_checkpoint(clean_env):
+    "A real SIGINT to a real training process, once its first checkpoint is in the store"
+    store = clean_env/'xdg'/'coronary_mlops'
+    proc = subprocess.Popen([str(BIN/'coronary-mlops'), 'train', '--synthetic', '4', '--epochs', '200', '--roi', '32'],
+                            cwd=clean_env, env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not list((store/'artifacts').rglob('checkpoints/epoch_*/model.pt')):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert time.time() - t0 < 240, 'no checkpoint appeared'
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None: proc.kill()
+    assert proc.returncode == 130 and 'interrupted' in err
+    client = MlflowClient(f"sqlite:///{store/'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name('coronary-segmentation').experiment_id])
+    assert run.info.status == 'KILLED' and run.data.tags['coronary_mlops.end_reason'].startswith('KeyboardInterrupt')
+    from coronary_mlops.artifacts import load_checkpoint
+    ckpt = client.download_artifacts(run.info.run_id, run.data.tags['coronary_mlops.best_checkpoint'], str(clean_env/'dl'))
+    state = load_checkpoint(ckpt)
+    assert set(state) == {'model', 'optimizer', 'scheduler', 'epoch'} and state['epoch'] >= 0

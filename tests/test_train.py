@@ -1,0 +1,67 @@
+"The training loop: resume, bad input through train(), the out-of-memory message, and devices"
+import json
+import numpy as np, pytest, torch
+from coronary_mlops.config import load_settings
+from coronary_mlops.tracker import MLflowTracker
+from coronary_mlops.data import DataError, PhantomConfig, generate_phantoms, make_phantom, save_nifti
+from coronary_mlops.train import TrainConfig, TrainingOOMError, oom_hint, train
+
+TINY = dict(roi_size=(32, 32, 32), channels=(8, 16, 32), strides=(2, 2), samples_per_case=2)
+
+
+@pytest.fixture
+def tracker(clean_env):
+    return MLflowTracker(settings=load_settings(False, store_dir=str(clean_env/'store'), experiment_name='train-tests'))
+
+
+def test_resume_continues_the_epochs_in_the_same_run(tracker, tmp_path):
+    ph = PhantomConfig(shape=(32, 32, 32))
+    first = train(TrainConfig(epochs=2, **TINY), synthetic=4, tracker=tracker, work_dir=tmp_path/'w', phantom=ph, progress=False)
+    again = train(TrainConfig(epochs=2, **TINY), synthetic=4, tracker=tracker, work_dir=tmp_path/'w', phantom=ph,
+                  resume=first.run_id, progress=False)
+    assert again.run_id == first.run_id and [h['epoch'] for h in again.history] == [2, 3]
+    c = tracker.client
+    assert [m.step for m in c.get_metric_history(first.run_id, 'train_loss')] == [0, 1, 2, 3]
+    steps = [m.step for m in c.get_metric_history(first.run_id, 'train/loss')]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)  # the step counter continues too
+    assert tracker.get_run_info(first.run_id).status == 'FINISHED'
+    assert len(tracker.search_runs()) == 1
+
+
+def test_bad_input_through_train_is_a_data_error(tracker, tmp_path):
+    ph = make_phantom(0, PhantomConfig(shape=(32, 32, 32)))
+    for i in range(3):
+        save_nifti(ph['image'], ph['spacing'], tmp_path/'multi'/f'{i}.img.nii.gz')
+        save_nifti(ph['label'] * (2 if i == 1 else 1), ph['spacing'], tmp_path/'multi'/f'{i}.label.nii.gz')
+    with pytest.raises(DataError, match='1.label.nii.gz is not binary: it holds \\[0, 2\\]'):
+        train(TrainConfig(epochs=1, **TINY), data_dir=tmp_path/'multi', tracker=tracker, progress=False)
+    for i in range(3):
+        save_nifti(ph['image'], ph['spacing'], tmp_path/'shape'/f'{i}.img.nii.gz')
+        save_nifti(ph['label'][:, :, :30] if i == 2 else ph['label'], ph['spacing'], tmp_path/'shape'/f'{i}.label.nii.gz')
+    with pytest.raises(DataError, match='Shapes differ'):
+        train(TrainConfig(epochs=1, **TINY), data_dir=tmp_path/'shape', tracker=tracker, progress=False)
+    assert tracker.search_runs() == []  # data is checked before a run is opened: no empty FAILED runs
+
+
+def test_oom_message_names_what_to_change():
+    msg = oom_hint(TrainConfig(roi_size=(96, 96, 96), batch_size=4), torch.device('cpu'))
+    assert 'roi_size=(96, 96, 96)' in msg and '--roi 48,48,48' in msg and '--batch-size 2' in msg
+    assert issubclass(TrainingOOMError, MemoryError)
+
+
+def test_params_and_artifacts_of_a_run(tracker, tmp_path):
+    res = train(TrainConfig(epochs=2, **TINY), synthetic=4, tracker=tracker, work_dir=tmp_path/'w',
+                phantom=PhantomConfig(shape=(32, 32, 32)), onnx=True, progress=False)
+    info = tracker.get_run_info(res.run_id)
+    assert json.loads(info.params['roi_size']) == [32, 32, 32] and info.params['device'] in ('cpu', 'cuda')
+    assert (info.params['cases.train'], info.params['cases.val'], info.params['cases.test']) == ('2', '1', '1')
+    assert {'val_dice', 'val_cldice', 'val_hd95', 'train_loss', 'lr', 'test_dice'} <= set(info.metrics)
+    from coronary_mlops import registry
+    files = {f.path for f in registry.list_artifacts(res.run_id, recursive=True, tracker=tracker)}
+    assert {'data/split.json', 'visualizations/training_curves/epoch_001/curves.png', 'predictions/epoch_001/predictions.png',
+            'onnx/model.onnx'} <= files
+    split = json.loads(registry.download_artifacts(res.run_id, ['data/split.json'], tmp_path/'dl', tracker=tracker)[0].read_text())
+    assert {k: len(v) for k, v in split.items()} == {'train': 2, 'val': 1, 'test': 1}
+    import mlflow
+    m = mlflow.pytorch.load_model(res.model_uri)
+    assert m(torch.rand(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)

@@ -58,10 +58,38 @@ def test_params_and_artifacts_of_a_run(tracker, tmp_path):
     assert {'val_dice', 'val_cldice', 'val_hd95', 'train_loss', 'lr', 'test_dice'} <= set(info.metrics)
     from coronary_mlops import registry
     files = {f.path for f in registry.list_artifacts(res.run_id, recursive=True, tracker=tracker)}
-    assert {'data/split.json', 'visualizations/training_curves/epoch_001/curves.png', 'predictions/epoch_001/predictions.png',
+    assert {'data/split.json', 'visualizations/training_curves/epoch_001/curves.png', 'predictions/epoch_001/overlay.png',
             'onnx/model.onnx'} <= files
     split = json.loads(registry.download_artifacts(res.run_id, ['data/split.json'], tmp_path/'dl', tracker=tracker)[0].read_text())
     assert {k: len(v) for k, v in split.items()} == {'train': 2, 'val': 1, 'test': 1}
     import mlflow
     m = mlflow.pytorch.load_model(res.model_uri)
     assert m(torch.rand(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+
+
+def test_torchrun_two_processes_log_like_one(clean_env):
+    "torchrun with 2 CPU processes (gloo): one run, rank 0 logs, same epochs and metrics as a 1-process run"
+    import os, subprocess, sys
+    from pathlib import Path
+    from mlflow import MlflowClient
+    bin_ = Path(sys.executable).parent
+    args = ['train', '--synthetic', '4', '--epochs', '2', '--roi', '32']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    one = subprocess.run([str(bin_/'coronary-mlops'), '--experiment', 'one', *args], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(bin_/'torchrun'), '--standalone', '--nproc_per_node', '2', str(bin_/'coronary-mlops'), '--experiment', 'two', *args],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count('best validation Dice') == 1  # only rank 0 reports
+    db = clean_env/'xdg'/'coronary_mlops'/'mlflow.db'
+    c = MlflowClient(f'sqlite:///{db}', registry_uri=f'sqlite:///{db}')
+    runs = {e: c.search_runs([c.get_experiment_by_name(e).experiment_id]) for e in ('one', 'two')}
+    assert len(runs['one']) == 1 and len(runs['two']) == 1
+    r1, r2 = runs['one'][0], runs['two'][0]
+    assert r2.info.status == 'FINISHED' and set(r1.data.metrics) == set(r2.data.metrics)
+    for key in ('train_loss', 'val_dice', 'val_cldice', 'val_hd95', 'lr'):
+        assert [m.step for m in c.get_metric_history(r2.info.run_id, key)] == [m.step for m in c.get_metric_history(r1.info.run_id, key)] == [0, 1]
+    # steps per epoch: ceil(training cases per process / batch size); 2 cases, batch 2: one step either way
+    n1, n2 = (len(c.get_metric_history(r.info.run_id, 'train/loss')) for r in (r1, r2))
+    assert (n1, n2) == (2 * -(-2 // 2), 2 * -(-(-(-2 // 2)) // 2))
+    assert c.get_run(r2.info.run_id).data.params['cases.train'] == '2'

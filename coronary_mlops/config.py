@@ -307,13 +307,15 @@ def ui_command(self:Settings, port:int=5000) -> str:
             f"--artifacts-destination {(db.parent/'artifacts').as_posix()} --port {port}")
 
 # %% ../nbs/api/00_config.ipynb #be69cea6
-def get_or_create_experiment(settings:Settings, client=None, name:str|None=None, tags:dict|None=None) -> str:
+def get_or_create_experiment(settings:Settings, client=None, name:str|None=None, tags:dict|None=None,
+                             artifact_location:str|None=None, # for a new experiment; beside the embedded store when None
+                            ) -> str:
     "The id of experiment `name` (default: `settings.experiment_name`), created if missing"
     client = client or settings.client()
     name = name or settings.experiment_name
     exp = client.get_experiment_by_name(name)
     if exp is not None: return exp.experiment_id
-    loc = f"{settings.artifact_location}/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}" if settings.artifact_location else None
+    loc = artifact_location or (f"{settings.artifact_location}/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}" if settings.artifact_location else None)
     try: return client.create_experiment(name, artifact_location=loc, tags=tags)
     except MlflowException:  # another process created it between the lookup and here
         if (exp := client.get_experiment_by_name(name)) is not None: return exp.experiment_id

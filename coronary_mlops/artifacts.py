@@ -38,8 +38,8 @@ __all__ = ['LAYOUT', 'FILE_NAMES', 'CATEGORY_SUFFIXES', 'NONFINITE', 'CHUNK', 'C
            'epoch_dir', 'categorize', 'type_dir', 'layout_markdown', 'check_name', 'safe_join', 'to_jsonable',
            'dumps_json', 'read_json', 'sha256_file', 'sweep_stale_temps', 'atomic_torch_save', 'load_checkpoint',
            'snapshot_state', 'state_tensors', 'software_versions', 'training_context', 'epoch_summary',
-           'CheckpointPolicy', 'ArtifactUploadError', 'VerifyReport', 'MLflowArtifactManager', 'default_manager',
-           'log_epoch_artifacts', 'log_final_model', 'flush', 'replay_spool', 'verify_run_artifacts']
+           'CheckpointPolicy', 'ArtifactUploadError', 'VerifyReport', 'MLflowArtifactManager', 'ArtifactIntegrityError',
+           'default_manager', 'log_epoch_artifacts', 'log_final_model', 'flush', 'replay_spool', 'verify_run_artifacts']
 
 # %% ../nbs/api/01_artifacts.ipynb #5a0987db
 LAYOUT = {
@@ -601,7 +601,7 @@ def _process(self:MLflowArtifactManager, job:Path, spec:dict):
     up_bytes += safe_join(tree, mpath).write_text(dumps_json(manifest)); up_files += 1
     self._upload(run_id, tree)
     for e in entries:
-        if not e.get('dedup') and not e['path'].startswith('checkpoints/'): index.setdefault(e['sha256'], e['stored'])
+        if not e.get('dedup') and not e['path'].startswith('checkpoints/'): index.setdefault(e['sha256'], e)
     with self._lock: self._manifests.setdefault(run_id, {})[epoch] = manifest
     self._log_epoch_metrics(run_id, spec, up_bytes, up_files, dedup_bytes, time.perf_counter() - t0)
     for folder in spec['prune']: self._prune(run_id, folder)
@@ -612,8 +612,10 @@ def _store_entry(self:MLflowArtifactManager, tree:Path, f:Path, rel:str, index:d
     "Manifest entry for one staged file (of hash `sha`), deduplicating or compressing it in place"
     size = f.stat().st_size
     e = dict(path=rel, size=size, sha256=sha, stored=rel)
-    if sha in index and index[sha] != rel and not rel.startswith('checkpoints/'):  # a checkpoint is always a real file
-        f.unlink(); return {**e, 'stored': index[sha], 'dedup': True}
+    if rel.lower().endswith('.gz') and (csha := _gunzip_sha(f)): e['content_sha256'] = csha  # see `download`
+    if sha in index and index[sha]['stored'] != rel and not rel.startswith('checkpoints/'):  # a checkpoint is always a real file
+        o = index[sha]  # the stored copy; if it was gzipped, so is what this entry points at
+        f.unlink(); return {**e, 'stored': o['stored'], 'dedup': True, **{k: o[k] for k in ('encoding', 'stored_size', 'stored_sha256') if k in o}}
     if self.compress_bytes and size >= self.compress_bytes and rel.lower().endswith(COMPRESSIBLE):
         gz = f.with_name(f.name + '.gz')
         h = hashlib.sha256()
@@ -688,11 +690,11 @@ def _read_manifests(self:MLflowArtifactManager, run_id:str) -> dict:
 
 @patch
 def _run_index(self:MLflowArtifactManager, run_id:str) -> dict:
-    "{sha256: stored path} of the files the run already holds"
+    "{sha256: manifest entry of the stored copy} of the files the run already holds"
     with self._lock:
         if run_id not in self._index:
             self._manifests[run_id] = self._read_manifests(run_id)
-            self._index[run_id] = {e['sha256']: e['stored'] for m in self._manifests[run_id].values() for e in m['files']
+            self._index[run_id] = {e['sha256']: e for m in self._manifests[run_id].values() for e in m['files']
                                    if not (e.get('dedup') or e.get('pruned') or e['path'].startswith('checkpoints/'))}
         return self._index[run_id]
 
@@ -705,7 +707,7 @@ def _prune(self:MLflowArtifactManager, run_id:str, folder:str):
     if m is None: return
     for e in m['files']:
         if e['path'].startswith(folder + '/'): e['pruned'] = True
-    self._index[run_id] = {k: v for k, v in self._index[run_id].items() if not v.startswith(folder + '/')}
+    self._index[run_id] = {k: v for k, v in self._index[run_id].items() if not v['stored'].startswith(folder + '/')}
     with tempfile.TemporaryDirectory() as t:
         mp = Path(t)/FILE_NAMES['manifest']; mp.write_text(dumps_json(m))
         repo.log_artifact(str(mp), epoch_dir('manifest', epoch))
@@ -756,6 +758,25 @@ def replay_spool(self:MLflowArtifactManager, run_id:str|None=None, quiet:bool=Fa
     return n
 
 # %% ../nbs/api/01_artifacts.ipynb #14128468
+def _gunzip_sha(path) -> str|None:
+    "sha256 of the decompressed content of gzip file `path`, or None if it is not gzip"
+    h = hashlib.sha256()
+    try:
+        with gzip.open(path, 'rb') as z:
+            while b := z.read(CHUNK): h.update(b)
+    except (OSError, EOFError): return None
+    return h.hexdigest()
+
+def _is_gzip(path) -> bool:
+    with open(path, 'rb') as f: return f.read(2) == b'\x1f\x8b'
+
+class ArtifactIntegrityError(RuntimeError):
+    "A downloaded artifact whose bytes do not match the sha256 its manifest recorded"
+
+def _served_decoded(e:dict, got) -> bool:
+    "True if the store served the .gz file of entry `e` already decompressed, with the logged content"
+    return bool(e.get('content_sha256')) and not _is_gzip(got) and sha256_file(got) == e['content_sha256']
+
 def _walk(repo, path=None) -> list[str]:
     out = []
     for fi in repo.list_artifacts(path):
@@ -771,20 +792,21 @@ def verify(self:MLflowArtifactManager, run_id:str) -> VerifyReport:
     expected = {}
     for m in manifests.values():
         for e in m['files']:
-            if not e.get('pruned'): expected.setdefault(e['stored'], e.get('stored_sha256', e['sha256']))
+            if not e.get('pruned'): expected.setdefault(e['stored'], (e.get('stored_sha256', e['sha256']), e))
     present = set(_walk(repo))
-    for stored, sha in tqdm(sorted(expected.items()), desc='verifying', leave=False, disable=len(expected) < 50):
+    for stored, (sha, e) in tqdm(sorted(expected.items()), desc='verifying', leave=False, disable=len(expected) < 50):
         rep.checked += 1
         if stored not in present: rep.missing.append(stored); continue
         with tempfile.TemporaryDirectory() as t, _quiet_downloads():
-            if sha256_file(repo.download_artifacts(stored, t)) != sha: rep.modified.append(stored)
+            got = repo.download_artifacts(stored, t)
+            if sha256_file(got) != sha and not _served_decoded(e, got): rep.modified.append(stored)
     rep.extra = sorted(p for p in present - set(expected) if not p.startswith('manifests/') and p.split('/')[0] != 'model')
     return rep
 
 # %% ../nbs/api/01_artifacts.ipynb #b2fb7662
 @patch
 def download(self:MLflowArtifactManager, run_id:str, path:str, dst) -> Path:
-    "Download the logical artifact `path` of the run to folder `dst`, decompressing and resolving dedup"
+    "Download the logical artifact `path` of the run to folder `dst`, decompressing, resolving dedup, checking its sha256"
     check_name(path)
     self.flush()
     epoch = next((int(p.split('_')[1]) for p in path.split('/') if re.fullmatch(r'epoch_\d+', p)), None)
@@ -794,9 +816,18 @@ def download(self:MLflowArtifactManager, run_id:str, path:str, dst) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as t, _quiet_downloads():
         got = self._repo(run_id).download_artifacts(e['stored'], t)
-        if e.get('encoding') == 'gzip':
+        # MLflow's S3 store uploads *.gz with Content-Encoding: gzip, and some S3 servers then serve them decoded
+        if e.get('encoding') == 'gzip' and _is_gzip(got):
             with gzip.open(got, 'rb') as z, open(out, 'wb') as f: shutil.copyfileobj(z, f, CHUNK)
+        elif _served_decoded(e, got):  # the logged content, decoded: compress it again, so the file is what its name says
+            log.info("%s came back decompressed from the store (S3 Content-Encoding: gzip); re-compressed it", e['stored'])
+            with open(got, 'rb') as src, open(out, 'wb') as raw, gzip.GzipFile(fileobj=raw, mode='wb', mtime=0) as z:
+                shutil.copyfileobj(src, z, CHUNK)
+            return out
         else: shutil.copyfile(got, out)
+    if 'sha256' in e and sha256_file(out) != e['sha256']:
+        raise ArtifactIntegrityError(f"{path} of run {run_id} does not match the sha256 in its manifest: the stored copy "
+                                     f"{e['stored']} was changed after it was logged (check with verify({run_id!r}))")
     return out
 
 # %% ../nbs/api/01_artifacts.ipynb #c35a1587

@@ -22,7 +22,7 @@ def store_report(s:Settings) -> str:
         lines += [f"store folder : {s.store_dir}  (embedded SQLite store, no server)",
                   f"artifacts    : {s.artifact_location}"]
     ui = f"make ui  (or: {s.ui_command()})" if s.is_embedded else s.ui_command()
-    lines += [f"open the UI  : {ui}", "notebooks    : make lab, then open nbs/index.ipynb"]
+    lines += [f"open the UI  : {ui}", "notebooks    : make lab, then open nbs/tutorials/01_quickstart.ipynb, or ArtifactBrowser() in any notebook"]
     return '\n'.join(lines)
 
 # %% ../nbs/api/07_cli.ipynb #243df436

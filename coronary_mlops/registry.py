@@ -23,9 +23,9 @@ from .artifacts import check_name, safe_join, _quiet_downloads
 from .tracker import MLflowTracker, TrackerError, kit_error, _is_permanent
 
 # %% auto #0
-__all__ = ['STAGE_ALIASES', 'STAGES', 'model_name', 'find_model_uri', 'register_model', 'set_alias', 'get_version', 'model_uri',
-           'set_stage', 'promote_best', 'label_key', 'sync_tags', 'read_tags', 'list_artifacts', 'download_artifacts',
-           'ui_url', 'export_onnx', 'check_onnx']
+__all__ = ['STAGE_ALIASES', 'STAGES', 'model_name', 'find_model_uri', 'check_alias', 'register_model', 'set_alias', 'get_version',
+           'model_uri', 'set_stage', 'promote_best', 'label_key', 'sync_tags', 'read_tags', 'list_artifacts',
+           'download_artifacts', 'ui_url', 'export_onnx', 'check_onnx']
 
 # %% ../nbs/api/03_registry.ipynb #e6288537
 log = logging.getLogger('coronary_mlops.registry')
@@ -65,12 +65,19 @@ def find_model_uri(run_id:str, client:MlflowClient) -> tuple[str, str|None]:
                      "or pass model_uri=...")
 
 # %% ../nbs/api/03_registry.ipynb #46d346b8
+def check_alias(alias:str) -> str:
+    "`alias` if MLflow can resolve `models:/name@alias`; otherwise a `ValueError` that says why"
+    if not re.fullmatch(r'[\w\-]+', alias or '', flags=re.ASCII) or re.fullmatch(r'v\d+', alias) or alias == 'latest':
+        raise ValueError(f"Alias {alias!r} is not usable: use letters, digits, '_' and '-', and not 'latest' or v<number>")
+    return alias
+
 def register_model(run_id:str, name:str|None=None, *, model_uri:str|None=None, alias:str|None=None,
                    tags:Mapping|None=None, require_finished:bool=True, description:str|None=None,
                    tracker:MLflowTracker|None=None, settings:Settings|None=None, client:MlflowClient|None=None,
                    await_seconds:int=300) -> ModelVersion:
     "Register the model of FINISHED run `run_id` as a new version of `name` (default `model_name(experiment)`)"
     settings, client = _ctx(tracker, settings, client)
+    if alias is not None: check_alias(alias)  # before anything is created: a refused alias leaves no orphan version
     with _refusal(f"read run {run_id}", settings): run = client.get_run(run_id)
     if require_finished and run.info.status != 'FINISHED':
         raise ValueError(f"Run {run_id} is {run.info.status}; only FINISHED runs are registered (the kit's policy). "
@@ -95,8 +102,7 @@ STAGES = ('None', 'Staging', 'Production', 'Archived')
 def set_alias(name:str, version, alias:str, *, tracker=None, settings=None, client=None) -> ModelVersion:
     "Point `alias` of registered model `name` at `version`"
     settings, client = _ctx(tracker, settings, client)
-    if not re.fullmatch(r'[\w\-]+', alias or '', flags=re.ASCII) or re.fullmatch(r'v\d+', alias) or alias == 'latest':
-        raise ValueError(f"Alias {alias!r} is not usable: use letters, digits, '_' and '-', and not 'latest' or v<number>")
+    check_alias(alias)
     with _refusal(f"set alias {alias!r} on model {name!r}", settings):
         client.set_registered_model_alias(name, alias, str(version))
         return client.get_model_version(name, str(version))

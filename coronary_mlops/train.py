@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/train.html.md"""
 
 # %% ../nbs/api/05_train.ipynb #387a2e2b
 from __future__ import annotations
-import contextlib, json, math, os, shutil, tempfile, time, warnings
+import contextlib, json, logging, math, os, shutil, tempfile, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
@@ -387,8 +387,10 @@ def _finish(tracker, run_id, model, cfg, dev, result, work, onnx):
     example = torch.rand(1, 1, *cfg.roi_size, generator=torch.Generator().manual_seed(cfg.seed))
     best = next((h for h in result.history if h['epoch'] == result.best_epoch), {})
     best_metrics = {k: v for k, v in best.items() if k.startswith('val_')}
-    with warnings.catch_warnings():
+    quiet = logging.getLogger('torch._export')  # pt2 tracing logs a 'dimension specialized' line per model
+    with warnings.catch_warnings(), contextlib.ExitStack() as undo:
         warnings.simplefilter('ignore')
+        undo.callback(quiet.setLevel, quiet.level); quiet.setLevel(logging.ERROR)
         mi = mlflow.pytorch.log_model(model, name='model', input_example=example.numpy(), serialization_format='pt2',
                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", 'monai'], step=max(result.best_epoch, 0))
     if best_metrics: mlflow.log_metrics({f"best_{k}": v for k, v in best_metrics.items()}, step=result.best_epoch, model_id=mi.model_id)

@@ -14,7 +14,7 @@ def test_demo_logs_a_finished_registered_run_into_the_default_store_from_any_fol
     outs = [run_cli('demo', *SMALL, env=env, cwd=clean_env/d).stdout for d in 'ab']
     db = (clean_env/'xdg'/'coronary_mlops'/'mlflow.db').resolve()
     assert db.exists() and all(f'sqlite:///{db}' in o for o in outs)
-    assert all('mlflow ui --backend-store-uri' in o and 'nbs/index.ipynb' in o and 'best validation Dice' in o for o in outs)
+    assert all('mlflow ui --backend-store-uri' in o and '01_quickstart.ipynb' in o and 'ArtifactBrowser()' in o and 'best validation Dice' in o for o in outs)
     client = MlflowClient(f'sqlite:///{db}', registry_uri=f'sqlite:///{db}')  # not the process-wide registry URI of earlier tests
     runs = client.search_runs([client.get_experiment_by_name('coronary-segmentation').experiment_id])
     assert len(runs) == 2 and {r.info.status for r in runs} == {'FINISHED'}

@@ -24,7 +24,7 @@ import requests
 import torch
 import mlflow
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.utils.mlflow_tags import LATEST_CHECKPOINT_ARTIFACT_TAG_KEY
@@ -659,10 +659,12 @@ def _log_epoch_metrics(self:MLflowArtifactManager, run_id, spec, up_bytes, up_fi
     ms = [Metric(k, float(v), ts, step) for k, v in spec['metrics'].items()]
     ms += [Metric(f'artifacts/{k}', float(v), ts, step) for k, v in
            dict(bytes=up_bytes, files=up_files, dedup_bytes=dedup_bytes, seconds=seconds).items()]
-    for i in range(0, len(ms), 1000): self.client.log_batch(run_id, metrics=ms[i:i + 1000])
+    tags = []
     if spec['checkpoint'] and spec['is_best']:
-        for k, v in {LATEST_CHECKPOINT_ARTIFACT_TAG_KEY: spec['checkpoint'], 'coronary_mlops.best_checkpoint': spec['checkpoint'],
-                     'coronary_mlops.best_epoch': str(spec['epoch'])}.items(): self.client.set_tag(run_id, k, v)
+        tags = [RunTag(k, v) for k, v in {LATEST_CHECKPOINT_ARTIFACT_TAG_KEY: spec['checkpoint'], 'coronary_mlops.best_checkpoint': spec['checkpoint'],
+                                          'coronary_mlops.best_epoch': str(spec['epoch'])}.items()]
+    for i in range(0, max(len(ms), 1), 1000):  # one store transaction per epoch, the best-checkpoint tags with the metrics
+        self.client.log_batch(run_id, metrics=ms[i:i + 1000], tags=tags if i == 0 else [])
 
 # %% ../nbs/api/01_artifacts.ipynb #a9b52b0f
 @contextmanager
@@ -826,6 +828,10 @@ def download(self:MLflowArtifactManager, run_id:str, path:str, dst) -> Path:
             return out
         else: shutil.copyfile(got, out)
     if 'sha256' in e and sha256_file(out) != e['sha256']:
+        if e['stored'].lower().endswith('.gz') and not _is_gzip(out):
+            raise ArtifactIntegrityError(f"{path} of run {run_id} came back decompressed from the store (MLflow's S3 store sets "
+                                         "Content-Encoding: gzip on .gz files) and its manifest predates content hashes, so the "
+                                         f"content cannot be checked; fetch {e['stored']} with mlflow.artifacts.download_artifacts")
         raise ArtifactIntegrityError(f"{path} of run {run_id} does not match the sha256 in its manifest: the stored copy "
                                      f"{e['stored']} was changed after it was logged (check with verify({run_id!r}))")
     return out

@@ -140,7 +140,7 @@ class MLflowTracker:
                  experiment_tags:Mapping|None=None, # tags set on the experiment (created or existing)
                  log_system_metrics:bool=False, # passed to MLflow's system-metrics monitor for each run
                  max_queue:int=100_000, # queued records before the queue is moved to the disk spool
-                 flush_interval:float=0.5, # seconds between background uploads
+                 flush_interval:float=2.0, # seconds between background uploads (each is one store transaction)
                  spool_dir:str|Path|None=None, # the offline spool; `<store_dir>/tracker_spool` when None
                  probe_timeout:float=1.0, # seconds to wait for the server's /health answer
                 ):

@@ -224,7 +224,7 @@ def _cases(data_dir, synthetic, work_dir, cfg, phantom:PhantomConfig|None):
 def _state(model, opt, sched, epoch) -> dict:
     return dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch)
 
-CURVES_BUDGET = 0.02  # the share of wall time that redrawing the training curves may take
+CURVES_BUDGET = 0.01  # the share of wall time that redrawing the training curves may take (on 2 CPU cores it competes with training)
 
 def _log_epoch(tracker, run_id, epoch, state, m, history, first, is_best, cfg, step, work, curves_cost=None):
     "Draw the epoch's pictures and file the epoch (runs on the logger thread); curves only when `curves_cost` is given"

@@ -65,6 +65,16 @@ def find_model_uri(run_id:str, client:MlflowClient) -> tuple[str, str|None]:
                      "or pass model_uri=...")
 
 # %% ../nbs/api/03_registry.ipynb #46d346b8
+@contextlib.contextmanager
+def _resolving_in(settings:Settings):
+    "Point MLflow's global tracking URI at this store for one call, then restore it"
+    # MLflow's registry resolves a `models:/<model_id>` source with MlflowClient() on the *global* tracking URI, not the
+    # calling client's (a TODO in its SqlAlchemyStore.create_model_version): from a fresh process that is ./mlflow.db
+    old = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    try: yield
+    finally: mlflow.set_tracking_uri(old)
+
 def check_alias(alias:str) -> str:
     "`alias` if MLflow can resolve `models:/name@alias`; otherwise a `ValueError` that says why"
     if not re.fullmatch(r'[\w\-]+', alias or '', flags=re.ASCII) or re.fullmatch(r'v\d+', alias) or alias == 'latest':
@@ -90,8 +100,9 @@ def register_model(run_id:str, name:str|None=None, *, model_uri:str|None=None, a
         try: client.create_registered_model(name, description=description)
         except MlflowException as e:
             if e.error_code not in ('RESOURCE_ALREADY_EXISTS', 'ALREADY_EXISTS'): raise
-        mv = client.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()},
-                                         description=description, await_creation_for=await_seconds, model_id=model_id)
+        with _resolving_in(settings):
+            mv = client.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()},
+                                             description=description, await_creation_for=await_seconds, model_id=model_id)
         if alias: client.set_registered_model_alias(name, alias, mv.version)
     return client.get_model_version(name, mv.version)
 

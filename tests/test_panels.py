@@ -192,3 +192,29 @@ def test_register_panel_shows_permission_errors(auth_server, tmp_path, clean_env
     assert 'TrackerPermissionError' in p.status.value and 'reader' in p.status.value
     assert auth_server.users['reader'] not in p.status.value and len(p.status.value) < 800
     assert p.last_version is None
+
+
+def test_register_panel_from_a_fresh_process(tracker, tmp_path):
+    """The README's flow: a run trained earlier, then a new notebook kernel, configured by the environment, that only
+    opens the panel and clicks. MLflow resolves the LoggedModel through its *global* tracking URI, which such a process
+    has not pointed anywhere (it would be ./mlflow.db)."""
+    import os, subprocess, sys
+    run = make_run(tracker, tmp_path/'a', 'a', [0.7])
+    s = tracker.settings
+    code = """if True:
+        import mlflow
+        from coronary_mlops.panels import RegisterModelPanel
+        print('GLOBAL', mlflow.get_tracking_uri())
+        p = RegisterModelPanel('%s')
+        p.register.click()
+        print('STATUS', p.status.value or 'ok', p.last_version.version if p.last_version else None)""" % run
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('MLFLOW_', 'CORONARY_MLOPS_'))}
+    env.update(CORONARY_MLOPS_STORE_DIR=s.store_dir, CORONARY_MLOPS_TRACKING_URI=s.tracking_uri,
+               CORONARY_MLOPS_EXPERIMENT_NAME=s.experiment_name)
+    cwd = tmp_path/'kernel'; cwd.mkdir()
+    out = subprocess.run([sys.executable, '-c', code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert f"GLOBAL sqlite:///{cwd}/mlflow.db" in out.stdout, out.stdout  # the case that broke: MLflow's default
+    assert 'STATUS ok 1' in out.stdout, out.stdout + out.stderr[-3000:]
+    assert not (cwd/'mlflow.db').exists()  # nothing written beside the notebook
+    name = registry.model_name(s.experiment_name, settings=s)
+    assert registry.get_version(name, 'champion', tracker=tracker).run_id == run

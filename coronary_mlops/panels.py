@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/panels.html.md"""
 
 # %% ../nbs/api/06_panels.ipynb #ee329452
 from __future__ import annotations
-import base64, html, io, json, logging, math, shutil, tempfile, weakref
+import base64, html, io, json, logging, math, re, shutil, tempfile, weakref
 from pathlib import Path, PurePosixPath
 from contextlib import contextmanager
 from typing import Callable, Sequence
@@ -312,7 +312,7 @@ def _show_epoch(self:ArtifactBrowser):
     rows = sorted(self.run.metrics(ep).items())
     self.metrics.value = f"<b>epoch {ep}</b>" + _html_table(rows, ['metric', 'value']) if rows else f"<i>epoch {ep}: no metrics</i>"
     p = self.run.find(ep, 'summary')
-    _show(self.summary, preview(self.run.local(p)) if p else {'text/plain': 'no summary'})
+    _show(self.summary, _demote(preview(self.run.local(p))) if p else {'text/plain': 'no summary'})
     cats = ['all', *self.run.categories(ep)]
     self._fill(self.category, cats, self.category.value if self.category.value in cats else 'all')
     self._fill_tree()
@@ -327,6 +327,11 @@ def _fill_tree(self:ArtifactBrowser):
     pick = same or next((p for p in paths if p.lower().endswith(tuple(IMAGE_TYPES))), paths[0] if paths else None)
     self._fill(self.tree, [(f"{e['path']}  ({_fmt_size(e['size'])})", e['path']) for e in files], pick)
     self._preview()
+
+def _demote(bundle:dict, by:int=3) -> dict:
+    "A markdown bundle with its headings `by` levels smaller, so that a summary's title does not dwarf the panel"
+    if 'text/markdown' in bundle: bundle = {**bundle, 'text/markdown': re.sub(r'^(#{1,3}) ', lambda m: '#' * min(6, len(m[1]) + by) + ' ', bundle['text/markdown'], flags=re.M)}
+    return bundle
 
 def _strip_epoch(path:str) -> str:
     return '/'.join(p for p in path.split('/') if not (p.startswith('epoch_') and p[6:].isdigit()))

@@ -67,7 +67,7 @@ def test_browser_shows_and_downloads_what_was_logged(tracker, tmp_path):
     assert b.epoch.value == 3 and [v for _, v in b.epoch.options] == [0, 1, 2, 3]
     assert b.epoch.options[3][0] == '3 ★'  # the best epoch, from the manager's tag
     assert '0.9' in b.metrics.value and 'val_dice' in b.metrics.value
-    assert b.summary.outputs[0]['data']['text/markdown'].startswith('# Epoch 3 Summary')
+    assert b.summary.outputs[0]['data']['text/markdown'].startswith('#### Epoch 3 Summary')
     assert b.tree.value.endswith('curves.png') and 'image/png' in b.preview.outputs[0]['data']
 
     b.run_select.value = a

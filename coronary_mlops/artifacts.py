@@ -7,7 +7,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/artifacts.html.md"""
 # %% ../nbs/api/01_artifacts.ipynb #a96d6589
 from __future__ import annotations
 import atexit, gzip, hashlib, json, logging, math, os, queue, re, shutil, socket, subprocess, sys, tempfile
-import threading, time, uuid
+import threading, time, uuid, warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, asdict, is_dataclass
@@ -677,6 +677,18 @@ def _quiet_downloads():
         if old is None: os.environ.pop('MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR', None)
         else: os.environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'] = old
 
+@contextmanager
+def _quiet_export(*loggers:str):
+    "No warnings, and only errors from `loggers`, while torch traces or exports a model: its notices are not the user's to act on"
+    ls = [logging.getLogger(n) for n in loggers]
+    levels = [l.level for l in ls]
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for l in ls: l.setLevel(logging.ERROR)
+        try: yield
+        finally:
+            for l, lv in zip(ls, levels): l.setLevel(lv)
+
 @patch
 def _read_manifest(self:MLflowArtifactManager, run_id:str, folder:str) -> dict|None:
     "The manifest in run-relative `folder`, or None if it has none yet"
@@ -685,10 +697,20 @@ def _read_manifest(self:MLflowArtifactManager, run_id:str, folder:str) -> dict|N
         except Exception: return None
 
 @patch
+def epochs(self:MLflowArtifactManager, run_id:str) -> list[int]:
+    "The epochs run `run_id` holds in the store, from one listing of its `manifests/` folder"
+    names = [PurePosixPath(d.path).name for d in self._repo(run_id).list_artifacts('manifests') if d.is_dir]
+    return sorted(int(n[6:]) for n in names if n.startswith('epoch_') and n[6:].isdigit())
+
+@patch
+def manifest(self:MLflowArtifactManager, run_id:str, epoch:int) -> dict|None:
+    "Epoch `epoch`'s manifest: its files with logical path, stored path, size, sha256 and encoding; None if it has none"
+    return self._read_manifest(run_id, epoch_dir('manifest', epoch))
+
+@patch
 def _read_manifests(self:MLflowArtifactManager, run_id:str) -> dict:
     "{epoch: manifest} of the run, read from the store"
-    ms = (self._read_manifest(run_id, d.path) for d in self._repo(run_id).list_artifacts('manifests'))
-    return {m['epoch']: m for m in ms if m is not None}
+    return {e: m for e in self.epochs(run_id) if (m := self.manifest(run_id, e)) is not None}
 
 @patch
 def _run_index(self:MLflowArtifactManager, run_id:str) -> dict:
@@ -807,13 +829,17 @@ def verify(self:MLflowArtifactManager, run_id:str) -> VerifyReport:
 
 # %% ../nbs/api/01_artifacts.ipynb #b2fb7662
 @patch
-def download(self:MLflowArtifactManager, run_id:str, path:str, dst) -> Path:
+def download(self:MLflowArtifactManager, run_id:str, path:str, dst,
+             entry:dict|None=None, # the file's manifest entry, when the caller has it already
+            ) -> Path:
     "Download the logical artifact `path` of the run to folder `dst`, decompressing, resolving dedup, checking its sha256"
     check_name(path)
     self.flush()
-    epoch = next((int(p.split('_')[1]) for p in path.split('/') if re.fullmatch(r'epoch_\d+', p)), None)
-    m = (self._read_manifest(run_id, epoch_dir('manifest', epoch)) or {}) if epoch is not None else {}
-    e = next((x for x in m.get('files', []) if x['path'] == path), {'stored': path})
+    if entry is None:
+        epoch = next((int(p.split('_')[1]) for p in path.split('/') if re.fullmatch(r'epoch_\d+', p)), None)
+        files = (self.manifest(run_id, epoch) or {}).get('files', []) if epoch is not None else []
+        entry = next((x for x in files if x['path'] == path), {'stored': path})
+    e = entry
     out = Path(dst)/PurePosixPath(path).name
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as t, _quiet_downloads():

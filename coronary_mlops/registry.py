@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_TAG_VAL_LENGTH
 from tqdm.auto import tqdm
 from .config import Settings, load_settings, redact_uri
-from .artifacts import check_name, safe_join, _quiet_downloads
+from .artifacts import check_name, safe_join, _quiet_downloads, _quiet_export
 from .tracker import MLflowTracker, TrackerError, kit_error, _is_permanent
 
 # %% auto #0
@@ -246,10 +246,7 @@ def export_onnx(model:torch.nn.Module, example:torch.Tensor, path, *, run_id:str
     example = example.detach().to(next(model.parameters()).device) if any(True for _ in model.parameters()) else example
     try:
         batch = torch.export.Dim('batch', min=1, max=1024)
-        quiet = logging.getLogger('torch.onnx'); level = quiet.level; quiet.setLevel(logging.ERROR)  # "torchvision is not installed"
-        with warnings.catch_warnings(), contextlib.redirect_stdout(None), contextlib.ExitStack() as undo:
-            undo.callback(quiet.setLevel, level)
-            warnings.simplefilter('ignore')
+        with _quiet_export('torch.onnx'), contextlib.redirect_stdout(None):  # torch.onnx: "torchvision is not installed"
             torch.onnx.export(model, (example,), str(path), input_names=['image'], output_names=['logits'], dynamo=True,
                               dynamic_shapes=({0: batch},), opset_version=opset, verbose=False)
         diff = check_onnx(model, example, path, rtol=rtol, atol=atol) if check else None

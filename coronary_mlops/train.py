@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/train.html.md"""
 
 # %% ../nbs/api/05_train.ipynb #387a2e2b
 from __future__ import annotations
-import contextlib, json, logging, math, os, shutil, tempfile, time, warnings
+import contextlib, json, math, os, shutil, tempfile, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
@@ -26,7 +26,7 @@ from monai.networks.nets import UNet
 from monai.transforms import AsDiscrete
 from monai.utils import set_determinism
 from .config import Settings, load_settings
-from .artifacts import load_checkpoint, snapshot_state
+from .artifacts import load_checkpoint, snapshot_state, _quiet_export
 from .tracker import MLflowTracker
 from .data import DataError, datasets, discover, find_cause, generate_phantoms, PhantomConfig
 from . import registry
@@ -387,10 +387,7 @@ def _finish(tracker, run_id, model, cfg, dev, result, work, onnx):
     example = torch.rand(1, 1, *cfg.roi_size, generator=torch.Generator().manual_seed(cfg.seed))
     best = next((h for h in result.history if h['epoch'] == result.best_epoch), {})
     best_metrics = {k: v for k, v in best.items() if k.startswith('val_')}
-    quiet = logging.getLogger('torch._export')  # pt2 tracing logs a 'dimension specialized' line per model
-    with warnings.catch_warnings(), contextlib.ExitStack() as undo:
-        warnings.simplefilter('ignore')
-        undo.callback(quiet.setLevel, quiet.level); quiet.setLevel(logging.ERROR)
+    with _quiet_export('torch._export'):  # pt2 tracing logs a 'dimension specialized' line per model
         mi = mlflow.pytorch.log_model(model, name='model', input_example=example.numpy(), serialization_format='pt2',
                                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", 'monai'], step=max(result.best_epoch, 0))
     if best_metrics: mlflow.log_metrics({f"best_{k}": v for k, v in best_metrics.items()}, step=result.best_epoch, model_id=mi.model_id)

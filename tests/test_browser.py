@@ -1,7 +1,7 @@
 """A real browser: JupyterLab on loopback runs the quickstart tutorial in headless Chromium (Debian's, driven by
 Playwright's Python package), the panels render, a click on Register reaches the registry; the docs home page renders.
 Screenshots go to tests/_artifacts/."""
-import os, shutil, socket, subprocess, sys, time
+import os, re, shutil, socket, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -72,6 +72,27 @@ def lab(tmp_path):
         log.close()
 
 
+def wait_kernel_idle(url: str, timeout: float = 120):
+    "Until the notebook's kernel has started and is idle (JupyterLab's own indicator can say idle before that)"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        sessions = requests.get(f"{url}/api/sessions", timeout=5).json()
+        if sessions and all(s['kernel']['execution_state'] == 'idle' for s in sessions): return
+        time.sleep(0.5)
+    raise TimeoutError(f"no idle kernel after {timeout} s: {sessions}")
+
+
+def run_all(page, tries: int = 3):
+    "Run > Run All Cells, again if no cell started (a click that lands while the kernel connects is lost)"
+    started = page.locator('.jp-InputArea-prompt', has_text=re.compile(r'\[(\*|\d+)\]'))
+    for _ in range(tries):
+        page.get_by_role('menuitem', name='Run', exact=True).click()
+        page.get_by_text('Run All Cells', exact=True).click()
+        try: started.first.wait_for(timeout=20_000); return
+        except playwright.TimeoutError: page.keyboard.press('Escape')
+    raise AssertionError("Run All Cells started no cell")
+
+
 def versions(store: Path, name='coronary-quickstart') -> int:
     uri = f"sqlite:///{store/'mlflow.db'}"
     return len(MlflowClient(uri, registry_uri=uri).search_model_versions(f"name='{name}'"))
@@ -84,9 +105,8 @@ def test_tutorial_panels_render_and_register_in_jupyterlab(browser, lab):
     try:
         page.goto(f"{url}/lab/tree/01_quickstart.ipynb", timeout=90_000)
         page.wait_for_selector('.jp-Notebook .jp-Cell', timeout=90_000)
-        page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=90_000)  # the kernel is up
-        page.get_by_role('menuitem', name='Run', exact=True).click()
-        page.get_by_text('Run All Cells', exact=True).click()
+        wait_kernel_idle(url)
+        run_all(page)
         # the last cell prints the held-out Dice once everything above it ran: training, panels, registration
         page.locator('.jp-OutputArea-output', has_text='Dice on the held-out phantom:').wait_for(timeout=240_000)
         page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=60_000)

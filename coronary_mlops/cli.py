@@ -7,12 +7,16 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/cli.html.md"""
 # %% ../nbs/api/07_cli.ipynb #922fd32c
 from __future__ import annotations
 import argparse, shlex, subprocess, sys, time
+from dataclasses import fields
 from pathlib import Path
+from typing import get_type_hints
+from fastcore.docments import docments
 from .config import load_settings, redact_uri, Settings, SettingsError
-from .data import DataError
+from .data import DataError, PhantomConfig
+from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'main']
+__all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'add_train_options', 'cli_parser', 'main']
 
 # %% ../nbs/api/07_cli.ipynb #47cefb3e
 def store_report(s:Settings) -> str:
@@ -22,17 +26,27 @@ def store_report(s:Settings) -> str:
         lines += [f"store folder : {s.store_dir}  (embedded SQLite store, no server)",
                   f"artifacts    : {s.artifact_location}"]
     ui = f"make ui  (or: {s.ui_command()})" if s.is_embedded else s.ui_command()
-    lines += [f"open the UI  : {ui}", "notebooks    : make lab, then open nbs/tutorials/01_quickstart.ipynb, or ArtifactBrowser() in any notebook"]
+    lines += [f"open the UI  : {ui}", "notebooks    : make lab, then open nbs/tutorials/01_quickstart.ipynb, "
+                                      "or ArtifactBrowser() in any notebook"]
     return '\n'.join(lines)
 
 # %% ../nbs/api/07_cli.ipynb #243df436
-DEMO = dict(epochs=30, roi_size=(48, 48, 48), learning_rate=3e-3, channels=(16, 32, 64, 128), strides=(2, 2, 2), samples_per_case=4)
-
-def run_training(s:Settings, quiet:bool=False, data=None, synthetic=None, resume=None, register=False, alias='champion',
-                 onnx=False, device=None, work_dir=None, phantom=None, **options):
+def run_training(s:Settings,              # where the run goes
+                 quiet:bool=False,        # print nothing: no progress bars, no report
+                 data=None,               # a folder of image/label pairs
+                 synthetic=None,          # or this many phantoms
+                 resume=None,             # a run id to continue
+                 register=False,          # register the final model
+                 alias='champion',        # the alias `register` sets
+                 onnx=False,              # also export the final model to ONNX
+                 device=None,             # 'cpu', 'cuda' or 'cuda:N'; default: CUDA when present
+                 work_dir=None,           # where phantoms and exports go; default: a temporary folder
+                 phantom=None,            # a `PhantomConfig` for the phantoms
+                 **options,               # `TrainConfig` fields; None means the settings' value
+                ):
     "Train with settings `s` and `TrainConfig` `options`; print the report unless `quiet`; return the `TrainResult`"
     from coronary_mlops.tracker import MLflowTracker
-    from coronary_mlops.train import TrainConfig, train, dist_info
+    from coronary_mlops.train import train, dist_info
     tracker = MLflowTracker(settings=s) if dist_info()[0] == 0 else None  # under torchrun only rank 0 opens the store
     cfg = TrainConfig.from_settings(s, **options)
     res = train(cfg, data_dir=data, synthetic=synthetic, tracker=tracker, resume=resume, register=register, alias=alias,
@@ -41,22 +55,34 @@ def run_training(s:Settings, quiet:bool=False, data=None, synthetic=None, resume
     if not quiet and res.run_id: print(report(res, s))  # under torchrun, rank 0 reports
     return res
 
+# %% ../nbs/api/07_cli.ipynb #be3651d0
 def report(res, s:Settings) -> str:
     "What a finished training run printed: run, Dice, registration, store, UI and notebook"
-    lines = [f"run {res.run_id} finished in {res.seconds:.0f} s", f"best validation Dice : {res.best_dice:.3f} (epoch {res.best_epoch})"]
-    if res.test: lines.append(f"held-out test Dice   : {res.test['test_dice']:.3f} (clDice {res.test['test_cldice']:.3f}, HD95 {res.test['test_hd95']:.2f} mm)")
+    lines = [f"run {res.run_id} finished in {res.seconds:.0f} s",
+             f"best validation Dice : {res.best_dice:.3f} (epoch {res.best_epoch})"]
+    if res.test:
+        t = res.test
+        lines.append(f"held-out test Dice   : {t['test_dice']:.3f} "
+                     f"(clDice {t['test_cldice']:.3f}, HD95 {t['test_hd95']:.2f} mm)")
     if res.registered: lines.append(f"registered model     : {res.registered}")
     if res.onnx_path: lines.append(f"ONNX                 : {res.onnx_path}")
     return '\n'.join(lines) + '\n' + store_report(s)
 
-def demo(settings:Settings|None=None, quiet:bool=False, **overrides):
+# %% ../nbs/api/07_cli.ipynb #d8477759
+DEMO = dict(epochs=30, roi_size=(48, 48, 48), learning_rate=3e-3, channels=(16, 32, 64, 128), strides=(2, 2, 2),
+            samples_per_case=4)
+
+def demo(settings:Settings|None=None, # default: `load_settings()`
+         quiet:bool=False,            # print nothing
+         **overrides,                 # `TrainConfig` fields over `DEMO`; `synthetic` (12) and `phantom_shape` (64³)
+        ):
     "The README's demo: phantoms, full tracking, the best model registered as `champion`"
     s = settings or load_settings()
-    from coronary_mlops.data import PhantomConfig
     n = overrides.pop('synthetic', None) or 12
     shape = overrides.pop('phantom_shape', None) or (64, 64, 64)
+    options = {**DEMO, **{k: v for k, v in overrides.items() if v is not None}}
     return run_training(s, quiet=quiet, synthetic=n, register=True, alias='champion', onnx=True,
-                        phantom=PhantomConfig(shape=tuple(shape)), **{**DEMO, **{k: v for k, v in overrides.items() if v is not None}})
+                        phantom=PhantomConfig(shape=tuple(shape)), **options)
 
 # %% ../nbs/api/07_cli.ipynb #919b4124
 def ui(s:Settings, port:int=5000) -> int:
@@ -67,49 +93,75 @@ def ui(s:Settings, port:int=5000) -> int:
     return subprocess.call(cmd)
 
 # %% ../nbs/api/07_cli.ipynb #fc7660b2
-def _shape(text:str) -> tuple:
-    try: v = tuple(int(x) for x in text.replace('x', ',').split(','))
-    except ValueError: raise argparse.ArgumentTypeError(f"expected sizes like 48,48,48, got {text!r}") from None
-    if len(v) == 1: v = v * 3
-    if len(v) != 3: raise argparse.ArgumentTypeError(f"expected three sizes, got {text!r}")
-    return v
+_ALIASES = {'learning_rate': ('--lr',), 'roi_size': ('--roi',)}  # the short spellings the README uses
+_THREE = {'roi_size': 'X,Y,Z', 'pixdim': 'X,Y,Z', 'fractions': 'TRAIN,VAL,TEST'}  # one number means all three
+_FROM_SETTINGS = {f.name for f in fields(Settings)}
 
-def _training_args(p:argparse.ArgumentParser):
-    p.add_argument('--epochs', type=int); p.add_argument('--batch-size', type=int); p.add_argument('--lr', dest='learning_rate', type=float)
-    p.add_argument('--roi', dest='roi_size', type=_shape, help="patch size, e.g. 48,48,48"); p.add_argument('--seed', type=int)
-    p.add_argument('--patience', type=int); p.add_argument('--num-workers', type=int)
-    p.add_argument('--device', help="cpu, cuda or cuda:N (default: CUDA when present)")
-    p.add_argument('--no-amp', dest='amp', action='store_const', const=False, help="float32 on CUDA too")
+def _numbers(cast, three:bool=False):
+    "An argparse type for comma-separated numbers, like 48,48,48 (or 48x48x48); one number is three when `three`"
+    def parse(text:str) -> tuple:
+        try: v = tuple(cast(x) for x in text.replace('x', ',').split(','))
+        except ValueError: raise argparse.ArgumentTypeError(f"expected numbers like 48,48,48, got {text!r}") from None
+        if three and len(v) == 1: v = v * 3
+        if three and len(v) != 3: raise argparse.ArgumentTypeError(f"expected three numbers, got {text!r}")
+        return v
+    return parse
 
-def _parser() -> argparse.ArgumentParser:
+def add_train_options(p:argparse.ArgumentParser, defaults:dict|None=None):
+    "An option for every `TrainConfig` field, typed by its annotation, its docment the help; `defaults` as shown"
+    docs, hints, defaults = docments(TrainConfig), get_type_hints(TrainConfig), defaults or {}
+    for f in fields(TrainConfig):
+        names, t = (f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, ())), hints[f.name]
+        shown = defaults.get(f.name, 'settings.ini [training]' if f.name in _FROM_SETTINGS else f.default)
+        shown = ','.join(map(str, shown)) if isinstance(shown, tuple) else shown
+        kw = dict(dest=f.name, help=f"{docs[f.name]} (default: {shown})".replace('%', '%%'))
+        if t is bool: p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif t is tuple:
+            cast = float if isinstance(f.default[0], float) else int
+            p.add_argument(*names, type=_numbers(cast, f.name in _THREE), metavar=_THREE.get(f.name, 'N,N,…'), **kw)
+        else: p.add_argument(*names, type=t, metavar='N' if t is int else 'X', **kw)
+
+# %% ../nbs/api/07_cli.ipynb #fb48d7be
+def _store_options(p:argparse.ArgumentParser, default=None):
+    "Where runs go: before the subcommand, and after it too (`default=SUPPRESS` there, so the first one stays)"
+    p.add_argument('--tracking-uri', default=default,
+                   help="MLflow tracking URI (default: settings, then the embedded store)")
+    p.add_argument('--experiment', dest='experiment_name', default=default, help="MLflow experiment name")
+    p.add_argument('--store-dir', default=default, help="folder of the embedded store")
+
+# %% ../nbs/api/07_cli.ipynb #584b4f28
+def cli_parser() -> argparse.ArgumentParser:
+    "The `coronary-mlops` command's parser: `info`, `train`, `demo` and `ui`"
     p = argparse.ArgumentParser(prog='coronary-mlops', description="Notebook-first MLOps for coronary segmentation")
-    p.add_argument('--tracking-uri', help="MLflow tracking URI (default: settings, then the embedded store)")
-    p.add_argument('--experiment', dest='experiment_name', help="MLflow experiment name")
-    p.add_argument('--store-dir', help="folder of the embedded store")
+    _store_options(p)
     sub = p.add_subparsers(dest='command', required=True)
-    sub.add_parser('info', help="show the resolved settings and where runs are stored")
-    t = sub.add_parser('train', help="train on a data folder or on synthetic phantoms, with full tracking")
+    def cmd(name, help):
+        c = sub.add_parser(name, help=help)
+        _store_options(c, argparse.SUPPRESS)
+        return c
+    cmd('info', "show the resolved settings and where runs are stored")
+    t = cmd('train', "train on a data folder or on synthetic phantoms, with full tracking")
     src = t.add_mutually_exclusive_group(required=True)
     src.add_argument('--data', help="folder of image/label pairs (ImageCAS, ASOCA or Decathlon layout)")
     src.add_argument('--synthetic', type=int, metavar='N', help="train on N generated phantoms")
-    t.add_argument('--resume', metavar='RUN_ID', help="continue RUN_ID's epochs in the same run (give the same --data or --synthetic)")
-    t.add_argument('--register', action='store_true', help="register the best model"); t.add_argument('--alias', default='champion')
+    t.add_argument('--resume', metavar='RUN_ID',
+                   help="continue RUN_ID's epochs in the same run (give the same --data or --synthetic)")
+    t.add_argument('--register', action='store_true', help="register the best model")
+    t.add_argument('--alias', default='champion', help="the alias --register sets (default: champion)")
     t.add_argument('--onnx', action='store_true', help="export the best model to ONNX as well")
     t.add_argument('--work-dir', help="where generated phantoms and exports go (default: a temporary folder)")
-    _training_args(t)
-    d = sub.add_parser('demo', help="train on phantoms, register the best model as champion, and say where it all went")
+    d = cmd('demo', "train on phantoms, register the best model as champion, and say where it all went")
     d.add_argument('--synthetic', type=int, metavar='N', help="number of phantoms (default 12)")
-    _training_args(d)
-    u = sub.add_parser('ui', help="open the MLflow UI on the store")
-    u.add_argument('--port', type=int, default=5000)
+    for c, defaults in ((t, None), (d, DEMO)):
+        c.add_argument('--device', help="cpu, cuda or cuda:N (default: CUDA when present)")
+        add_train_options(c, defaults)
+    cmd('ui', "open the MLflow UI on the store").add_argument('--port', type=int, default=5000)
     return p
 
 # %% ../nbs/api/07_cli.ipynb #516c796d
-_TRAIN_KEYS = ('epochs', 'batch_size', 'learning_rate', 'roi_size', 'seed', 'patience', 'num_workers', 'amp')
-
 def main(argv:list[str]|None=None) -> int:
     "Entry point of the `coronary-mlops` command"
-    a = _parser().parse_args(argv)
+    a = cli_parser().parse_args(argv)
     try: s = load_settings(tracking_uri=a.tracking_uri, experiment_name=a.experiment_name, store_dir=a.store_dir)
     except SettingsError as e: print(f"coronary-mlops: {e}", file=sys.stderr); return 2
     if a.command == 'info':
@@ -117,7 +169,7 @@ def main(argv:list[str]|None=None) -> int:
         for k, v in s.as_params().items(): print(f"  {k:22} {v:60} {s.sources.get(k, 'default')}")
         return 0
     if a.command == 'ui': return ui(s, a.port)
-    opts = {k: getattr(a, k) for k in _TRAIN_KEYS if getattr(a, k, None) is not None}
+    opts = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
     try:
         if a.command == 'demo': demo(s, synthetic=a.synthetic, device=a.device, **opts)
         else:
@@ -126,5 +178,7 @@ def main(argv:list[str]|None=None) -> int:
     except (DataError, ValueError, TypeError) as e:
         print(f"coronary-mlops {a.command}: {e}", file=sys.stderr); return 2
     except KeyboardInterrupt:
-        print(f"coronary-mlops {a.command}: interrupted; the run ends KILLED and keeps its last checkpoint", file=sys.stderr); return 130
+        print(f"coronary-mlops {a.command}: interrupted; the run ends KILLED and keeps its last checkpoint",
+              file=sys.stderr)
+        return 130
     return 0

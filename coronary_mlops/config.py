@@ -6,11 +6,12 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/config.html.md"""
 
 # %% ../nbs/api/00_config.ipynb #feae68c9
 from __future__ import annotations
-import configparser, difflib, os, re
+import configparser, contextlib, difflib, os, re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit, urlunsplit, parse_qsl, urlencode, unquote
+import requests
 from dotenv import dotenv_values, load_dotenv
 from fastcore.basics import patch
 import mlflow
@@ -21,7 +22,8 @@ from mlflow.exceptions import MlflowException
 __all__ = ['SECTIONS', 'DEFAULTS', 'SECTION_OF', 'ENV_ALIASES', 'ENV_PREFIX', 'LOCATOR_VARS', 'SECRET_MARKERS', 'REDACTED',
            'CHOICES', 'MINIMUM', 'TRACKING_SCHEMES', 'SettingsError', 'is_secret_name', 'redact_uri', 'redact',
            'check_store_uri', 'parse_value', 'find_settings_file', 'find_env_file', 'read_settings_ini', 'read_env',
-           'default_store_dir', 'sqlite_uri', 'Settings', 'load_settings', 'get_or_create_experiment']
+           'default_store_dir', 'sqlite_uri', 'Settings', 'load_settings', 'get_or_create_experiment', 'env_override',
+           'probe_server', 'check_reachable', 'is_permanent']
 
 # %% ../nbs/api/00_config.ipynb #66e41009
 SECTIONS = {
@@ -69,8 +71,8 @@ def redact_uri(uri:str) -> str:
     if '@' in netloc:
         userinfo, host = netloc.rsplit('@', 1)
         if ':' in userinfo: netloc = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
-    query = urlencode([(k, REDACTED if is_secret_name(k) else v) for k, v in parse_qsl(p.query, keep_blank_values=True)],
-                      safe='*')
+    pairs = parse_qsl(p.query, keep_blank_values=True)
+    query = urlencode([(k, REDACTED if is_secret_name(k) else v) for k, v in pairs], safe='*')
     if (netloc, query) == (p.netloc, p.query): return uri  # urlunsplit would drop the empty host of sqlite:////x
     return urlunsplit((p.scheme, netloc, p.path, query, p.fragment))
 
@@ -89,7 +91,8 @@ CHOICES = dict(checkpoint_policy=('best', 'all', 'top_k', 'none'), mode=('min', 
 MINIMUM = dict(top_k=1, epochs=1, batch_size=1, seed=0, num_workers=0, val_interval=1, compress_threshold_mb=0)
 
 def _as_int(key, v, where):
-    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()): raise _bad(key, v, where, "expected an integer")
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise _bad(key, v, where, "expected an integer")
     try: return int(str(v).strip()) if not isinstance(v, (int, float)) else int(v)
     except ValueError: raise _bad(key, v, where, "expected an integer") from None
 
@@ -122,7 +125,8 @@ def check_store_uri(key:str, uri:str, where:str='argument') -> str:
     if scheme in ('', 'file'):
         raise _bad(key, uri, where, "the plain file store is refused by MLflow 3; "
                    "use 'sqlite:///<path>/mlflow.db' or an http(s) tracking server")
-    if scheme not in TRACKING_SCHEMES: raise _bad(key, uri, where, f"unsupported scheme {scheme!r}; expected one of {TRACKING_SCHEMES}")
+    if scheme not in TRACKING_SCHEMES:
+        raise _bad(key, uri, where, f"unsupported scheme {scheme!r}; expected one of {TRACKING_SCHEMES}")
     return uri
 
 # %% ../nbs/api/00_config.ipynb #05509a73
@@ -169,7 +173,7 @@ def find_env_file(settings_file:Path|None=None, environ:Mapping|None=None) -> Pa
     "`$CORONARY_MLOPS_ENV_FILE`, else the `.env` beside `settings_file`, else none"
     environ = os.environ if environ is None else environ
     if environ.get('CORONARY_MLOPS_ENV_FILE'): return Path(environ['CORONARY_MLOPS_ENV_FILE']).expanduser().resolve()
-    if settings_file is not None and (Path(settings_file).parent/'.env').is_file(): return Path(settings_file).parent/'.env'
+    if settings_file is not None and (env := Path(settings_file).parent/'.env').is_file(): return env
     return None
 
 # %% ../nbs/api/00_config.ipynb #6950261b
@@ -179,10 +183,12 @@ def read_settings_ini(path:Path) -> dict:
     cp.read(path)
     where, out = f"settings.ini {str(path)!r}", {}
     for sec in cp.sections():
-        if sec not in SECTIONS: raise SettingsError(f"Unknown section [{sec}] in {where}; expected one of {list(SECTIONS)}")
+        if sec not in SECTIONS:
+            raise SettingsError(f"Unknown section [{sec}] in {where}; expected one of {list(SECTIONS)}")
         for k, v in cp.items(sec):
             if k not in DEFAULTS: raise _unknown(k, f"{where} [{sec}]")
-            if SECTION_OF[k] != sec: raise SettingsError(f"Setting {k!r} belongs in [{SECTION_OF[k]}], not [{sec}] ({where})")
+            if SECTION_OF[k] != sec:
+                raise SettingsError(f"Setting {k!r} belongs in [{SECTION_OF[k]}], not [{sec}] ({where})")
             if v.strip(): out[k] = v
     return out
 
@@ -214,10 +220,26 @@ def sqlite_uri(db_path) -> str:
 @dataclass(frozen=True)
 class Settings:
     "Resolved settings of the kit; build it with `load_settings`"
-    tracking_uri:str; registry_uri:str; s3_endpoint_url:str; experiment_name:str; project_name:str; store_dir:str
-    checkpoint_policy:str; top_k:int; monitor:str; mode:str; compress_threshold_mb:float; async_upload:bool
-    epochs:int; batch_size:int; learning_rate:float; seed:int; num_workers:int; val_interval:int; roi_size:tuple
-    sources:dict = field(default_factory=dict, compare=False)
+    tracking_uri:str # where runs go: sqlite:///…, postgresql://… or an http(s) server
+    registry_uri:str # the model registry; the tracking URI by default
+    s3_endpoint_url:str # an S3-compatible artifact store's endpoint, if any
+    experiment_name:str # the MLflow experiment
+    project_name:str # the first part of default registered-model names
+    store_dir:str # folder of the embedded store, the staging area and the spools
+    checkpoint_policy:str # best, all, top_k or none
+    top_k:int # checkpoints kept by top_k
+    monitor:str # the metric that decides the best checkpoint
+    mode:str # max or min: which way the monitored metric is better
+    compress_threshold_mb:float # gzip compressible artifacts above this size; 0 turns it off
+    async_upload:bool # upload epochs on a background thread
+    epochs:int # training epochs
+    batch_size:int # training batch size
+    learning_rate:float # AdamW learning rate
+    seed:int # random seed
+    num_workers:int # data-loader worker processes
+    val_interval:int # validate every this many epochs
+    roi_size:tuple # training patch size (three ints)
+    sources:dict = field(default_factory=dict, compare=False) # the layer that set each key
 
     def as_dict(self) -> dict: return {f.name: getattr(self, f.name) for f in fields(self) if f.name != 'sources'}
     def as_params(self) -> dict:
@@ -242,14 +264,15 @@ def _resolve_paths(vals:dict, src:dict, ini:Path|None, environ:Mapping) -> dict:
     return vals
 
 # %% ../nbs/api/00_config.ipynb #da63fb0e
-def load_settings(settings_file:str|Path|bool|None=None, # `settings.ini` to read; found by walking up when None, none when False
+def load_settings(settings_file:str|Path|bool|None=None, # `settings.ini`; found by walking up if None; none if False
                   env_file:str|Path|None=None, # `.env` to read; the one beside `settings.ini` when None
                   environ:Mapping|None=None, # environment to read; `os.environ` when None
                   **kwargs, # any key of `DEFAULTS`; `None` means "not set"
                  ) -> Settings:
     "Settings resolved as argument, then environment, then `.env`, then `settings.ini`, then defaults"
     environ = os.environ if environ is None else environ
-    ini = None if settings_file is False else Path(settings_file).resolve() if settings_file else find_settings_file(environ=environ)
+    if settings_file is False: ini = None
+    else: ini = Path(settings_file).resolve() if settings_file else find_settings_file(environ=environ)
     if ini is not None and not ini.is_file(): raise SettingsError(f"settings file {str(ini)!r} does not exist")
     envf = Path(env_file) if env_file else find_env_file(ini, environ)
     layers = [('settings.ini', f"settings.ini {str(ini)!r}", read_settings_ini(ini) if ini else {}),
@@ -307,16 +330,55 @@ def ui_command(self:Settings, port:int=5000) -> str:
             f"--artifacts-destination {(db.parent/'artifacts').as_posix()} --port {port}")
 
 # %% ../nbs/api/00_config.ipynb #be69cea6
-def get_or_create_experiment(settings:Settings, client=None, name:str|None=None, tags:dict|None=None,
-                             artifact_location:str|None=None, # for a new experiment; beside the embedded store when None
+def get_or_create_experiment(settings:Settings, # the store, and the default experiment name
+                             client=None, # a client on the store; `settings.client()` when None
+                             name:str|None=None, # the experiment; `settings.experiment_name` when None
+                             tags:dict|None=None, # tags for a new experiment
+                             artifact_location:str|None=None, # for a new experiment; beside the embedded store if None
                             ) -> str:
     "The id of experiment `name` (default: `settings.experiment_name`), created if missing"
     client = client or settings.client()
     name = name or settings.experiment_name
     exp = client.get_experiment_by_name(name)
     if exp is not None: return exp.experiment_id
-    loc = artifact_location or (f"{settings.artifact_location}/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}" if settings.artifact_location else None)
+    safe = re.sub(r'[^A-Za-z0-9_.-]', '_', name)
+    loc = artifact_location or (f"{settings.artifact_location}/{safe}" if settings.artifact_location else None)
     try: return client.create_experiment(name, artifact_location=loc, tags=tags)
     except MlflowException:  # another process created it between the lookup and here
         if (exp := client.get_experiment_by_name(name)) is not None: return exp.experiment_id
         raise
+
+# %% ../nbs/api/00_config.ipynb #c16f43c5
+@contextlib.contextmanager
+def env_override(**vars):
+    "Set environment variables for the block (a None value unsets one) and restore them afterwards"
+    old = {k: os.environ.get(k) for k in vars}
+    for k, v in vars.items():
+        if v is None: os.environ.pop(k, None)
+        else: os.environ[k] = str(v)
+    try: yield
+    finally:
+        for k, v in old.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+# %% ../nbs/api/00_config.ipynb #90590b95
+def probe_server(uri:str, timeout:float=1.0) -> bool:
+    "True if `uri` is not an http(s) server, or if the server's `/health` answers within `timeout` seconds"
+    if not uri.startswith(('http://', 'https://')): return True
+    try: return requests.get(uri.rstrip('/') + '/health', timeout=timeout).ok
+    except requests.RequestException: return False
+
+def check_reachable(uri:str, timeout:float=2.0):
+    "Raise a `ConnectionError` naming the server (without credentials) when `probe_server` says it is down"
+    if not probe_server(uri, timeout): raise ConnectionError(f"MLflow server {redact_uri(uri)} is unreachable")
+
+# %% ../nbs/api/00_config.ipynb #b48dc4c6
+_PERMANENT = {'PERMISSION_DENIED', 'UNAUTHENTICATED', 'INVALID_PARAMETER_VALUE', 'RESOURCE_DOES_NOT_EXIST',
+              'BAD_REQUEST', 'INVALID_STATE', 'RESOURCE_ALREADY_EXISTS'}
+_AUTH_TEXT = re.compile(r'error code (401|403|404)\b|\b(401|403)\b.*(Unauthori|Forbidden|[Pp]ermission)')
+
+def is_permanent(e:BaseException) -> bool:
+    "True for an MLflow error that retrying will not fix: a refusal, a missing entity, a bad value"
+    if not isinstance(e, MlflowException): return False
+    return e.error_code in _PERMANENT or bool(_AUTH_TEXT.search(str(e)))

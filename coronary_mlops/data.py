@@ -1,4 +1,4 @@
-"""Synthetic coronary CTA phantoms and real image/label pairs (ImageCAS, ASOCA, Medical Segmentation Decathlon) behind one loader, with MONAI transforms and a deterministic split
+"""Synthetic coronary CTA phantoms and real image/label pairs (ImageCAS, ASOCA, Decathlon), checked, split and cached
 
 Docs: https://coronary-mlops.github.io/coronary_mlops/api/data.html.md"""
 
@@ -33,10 +33,11 @@ class PhantomConfig:
     min_radius_mm:float = 1.0       # radius at the end of a branch
     branches:int = 3                # side branches per tree
     tortuosity:float = 0.35         # how much the heading wanders per step (radians, std)
-    stenosis_prob:float = 0.3       # chance that a tree has one stenosis
+    stenosis_prob:float = 0.3       # chance that a vessel (main or branch) has one stenosis
     noise_hu:float = 25.0           # std of the image noise
     blur_mm:float = 0.5             # std of the scanner's point spread
-    hu:dict = field(default_factory=lambda: dict(lung=-750, fat=-90, myocardium=90, blood=330, vessel=420))
+    hu:dict = field(default_factory=lambda: dict(  # HU of each tissue
+        lung=-750, fat=-90, myocardium=90, blood=330, vessel=420))
 
 # %% ../nbs/api/04_data.ipynb #8814290a
 def _surface(p, c, axes):
@@ -75,11 +76,10 @@ def _rasterise(shape, pts, rad, out):
         out[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] |= d2 <= r * r
     return out
 
-# %% ../nbs/api/04_data.ipynb #7ed5f84b
-def make_phantom(seed:int=0, config:PhantomConfig|None=None) -> dict:
-    "A synthetic coronary CTA: `image` (HU, float32), `label` and `centerline` (uint8), `spacing` and what was drawn"
-    cfg, rng = config or PhantomConfig(), np.random.default_rng(seed)
-    shape, sp = np.array(cfg.shape), np.array(cfg.spacing, float)
+# %% ../nbs/api/04_data.ipynb #8ac40d3f
+def _heart(cfg:PhantomConfig, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    "(image in HU without vessels, centre, semi-axes) of an ellipsoidal heart in the lungs"
+    shape = np.array(cfg.shape)
     c = shape / 2 + rng.uniform(-0.04, 0.04, 3) * shape
     axes = shape * rng.uniform(0.30, 0.36, 3)
     g = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing='ij'), -1).astype(np.float32)
@@ -87,27 +87,40 @@ def make_phantom(seed:int=0, config:PhantomConfig|None=None) -> dict:
     wall = 10 / axes.mean()  # about 8 mm of myocardium
     img = np.full(cfg.shape, cfg.hu['lung'], np.float32)
     img[rho < 1.18] = cfg.hu['fat']; img[rho < 1.0] = cfg.hu['myocardium']; img[rho < 1.0 - wall] = cfg.hu['blood']
+    return img, c, axes
+
+# %% ../nbs/api/04_data.ipynb #6194c05b
+def _tree(rng, side:str, c, axes, cfg:PhantomConfig) -> tuple[list, list]:
+    "([(points, radii)] of one coronary tree's vessels, what was drawn); `side` is 'left' or 'right'"
+    sp = np.array(cfg.spacing, float)
+    mean_len, r0, r1 = float(np.pi * axes.mean()), cfg.radius_mm / sp.mean(), cfg.min_radius_mm / sp.mean()
+    sgn = 1 if side == 'left' else -1
+    start, _ = _surface(c + np.array([-0.55, 0.75 * sgn, 0.35]) * axes, c, axes)  # the ostium, near the aortic root
+    heading = np.array([1.0, 0.6 * sgn, -0.5]) + rng.normal(0, 0.2, 3)
+    pts, rad, sten = _walk(rng, start, heading, mean_len * rng.uniform(0.9, 1.2), r0, r1, c, axes, cfg)
+    vessels, drawn = [(pts, rad)], [dict(tree=side, vessel='main', points=len(pts), stenosis=bool(sten))]
+    for b in range(cfg.branches):
+        k = int(rng.uniform(0.15, 0.7) * len(pts))
+        ahead = pts[min(k + 1, len(pts) - 1)] - pts[k]
+        h = np.cross(ahead, _surface(pts[k], c, axes)[1]) * rng.choice([-1, 1])  # off to one side, along the surface
+        length = mean_len * rng.uniform(0.3, 0.55)
+        bp, br, bs = _walk(rng, pts[k], h + 0.5 * ahead, length, rad[k] * 0.8, r1, c, axes, cfg)
+        vessels.append((bp, br)); drawn.append(dict(tree=side, vessel=f'branch_{b}', points=len(bp), stenosis=bool(bs)))
+    return vessels, drawn
+
+# %% ../nbs/api/04_data.ipynb #7ed5f84b
+def make_phantom(seed:int=0, config:PhantomConfig|None=None) -> dict:
+    "A synthetic coronary CTA: `image` (HU, float32), `label` and `centerline` (uint8), `spacing` and what was drawn"
+    cfg, rng = config or PhantomConfig(), np.random.default_rng(seed)
+    shape, sp = np.array(cfg.shape), np.array(cfg.spacing, float)
+    img, c, axes = _heart(cfg, rng)
     label, cl, drawn = np.zeros(cfg.shape, bool), np.zeros(cfg.shape, bool), []
-    mean_len = float(np.pi * axes.mean())
-    r0, r1 = cfg.radius_mm / sp.mean(), cfg.min_radius_mm / sp.mean()
-    # ostia near the aortic root: the top of the heart, left and right of the midline
-    for side, sgn in (('left', 1), ('right', -1)):
-        top = c + np.array([-0.55, 0.75 * sgn, 0.35]) * axes
-        start, _ = _surface(top, c, axes)
-        heading = np.array([1.0, 0.6 * sgn, -0.5]) + rng.normal(0, 0.2, 3)
-        pts, rad, sten = _walk(rng, start, heading, mean_len * rng.uniform(0.9, 1.2), r0, r1, c, axes, cfg)
-        vessels = [(pts, rad)]
-        drawn.append(dict(tree=side, vessel='main', points=len(pts), stenosis=bool(sten)))
-        for b in range(cfg.branches):
-            k = int(rng.uniform(0.15, 0.7) * len(pts))
-            h = np.cross(pts[min(k + 1, len(pts) - 1)] - pts[k], _surface(pts[k], c, axes)[1]) * rng.choice([-1, 1])
-            bp, br, bs = _walk(rng, pts[k], h + 0.5 * (pts[min(k + 1, len(pts) - 1)] - pts[k]), mean_len * rng.uniform(0.3, 0.55),
-                               rad[k] * 0.8, r1, c, axes, cfg)
-            vessels.append((bp, br)); drawn.append(dict(tree=side, vessel=f'branch_{b}', points=len(bp), stenosis=bool(bs)))
-        for pts_, rad_ in vessels:
-            _rasterise(cfg.shape, pts_, rad_, label)
-            idx = np.clip(np.round(pts_).astype(int), 0, shape - 1)
-            cl[tuple(idx.T)] = True
+    for side in ('left', 'right'):
+        vessels, d = _tree(rng, side, c, axes, cfg)
+        drawn += d
+        for pts, rad in vessels:
+            _rasterise(cfg.shape, pts, rad, label)
+            cl[tuple(np.clip(np.round(pts).astype(int), 0, shape - 1).T)] = True
     cl &= label
     img[label] = cfg.hu['vessel']
     if cfg.blur_mm > 0:
@@ -123,7 +136,12 @@ def save_nifti(array, spacing, path) -> Path:
     nib.save(nib.Nifti1Image(np.asarray(array), np.diag([*map(float, spacing), 1.0])), str(path))
     return path
 
-def generate_phantoms(n:int, out_dir, seed:int=0, config:PhantomConfig|None=None, progress:bool=True) -> list[dict]:
+def generate_phantoms(n:int,                          # how many
+                      out_dir,                        # the folder they are written to
+                      seed:int=0,                     # the first phantom's seed; the others count up from it
+                      config:PhantomConfig|None=None, # what they look like
+                      progress:bool=True,             # show a progress bar
+                     ) -> list[dict]:                 # `{image, label, centerline}` paths, one per phantom
     "Write `n` phantoms (seeds `seed` … `seed+n-1`) to `out_dir`; return their `{image, label, centerline}` paths"
     if n < 1: raise ValueError(f"n must be at least 1, got {n}")
     out_dir, cases = Path(out_dir), []
@@ -132,7 +150,8 @@ def generate_phantoms(n:int, out_dir, seed:int=0, config:PhantomConfig|None=None
         stem = out_dir/f"{seed + i:04d}"
         cases.append({k: str(save_nifti(ph[k], ph['spacing'], f"{stem}.{'img' if k == 'image' else k}.nii.gz"))
                       for k in ('image', 'label', 'centerline')})
-    (out_dir/'phantoms.json').write_text(json.dumps(dict(seed=seed, n=n, config=asdict(config or PhantomConfig())), indent=2))
+    recipe = dict(seed=seed, n=n, config=asdict(config or PhantomConfig()))
+    (out_dir/'phantoms.json').write_text(json.dumps(recipe, indent=2))
     return cases
 
 # %% ../nbs/api/04_data.ipynb #e3bccd8e
@@ -140,7 +159,8 @@ class DataError(ValueError):
     "The data folder or a case in it cannot be used; the message says what to do"
 
 _VOL = re.compile(r'\.(nii\.gz|nii|nrrd|mha)$', re.I)
-IMAGE_DIRS, LABEL_DIRS = ('ctca', 'images', 'image', 'img', 'imagestr'), ('annotations', 'labels', 'label', 'masks', 'labelstr')
+IMAGE_DIRS = ('ctca', 'images', 'image', 'img', 'imagestr')
+LABEL_DIRS = ('annotations', 'labels', 'label', 'masks', 'labelstr')
 
 def _stem(p:Path) -> str: return _VOL.sub('', p.name)
 
@@ -153,11 +173,14 @@ def _pairs_by_dirs(root:Path) -> list[dict]|None:
         imgs = {_stem(f): f for f in img_dir.iterdir() if _VOL.search(f.name) and not f.name.startswith('._')}
         labs = {_stem(f): f for f in lab_dir.iterdir() if _VOL.search(f.name) and not f.name.startswith('._')}
         for k in sorted(imgs):
-            if k not in labs: raise DataError(f"Image {imgs[k]} has no label in {lab_dir} (looked for {k}.nii.gz, .nii, .nrrd or .mha)")
+            if k not in labs:
+                raise DataError(f"Image {imgs[k]} has no label in {lab_dir} "
+                                f"(looked for {k}.nii.gz, .nii, .nrrd or .mha)")
             out.append(dict(image=str(imgs[k]), label=str(labs[k])))
         if extra := sorted(set(labs) - set(imgs)): raise DataError(f"Labels without an image in {img_dir}: {extra[:5]}")
     return out or None
 
+# %% ../nbs/api/04_data.ipynb #2710fccc
 def discover(data_dir) -> list[dict]:
     "`[{image, label}]` of every case under `data_dir`, in ImageCAS, ASOCA or Decathlon layout, sorted"
     root = Path(data_dir).expanduser()
@@ -167,7 +190,8 @@ def discover(data_dir) -> list[dict]:
         out = []
         for f in imgs:
             lab = f.with_name(f.name.replace('.img.', '.label.'))
-            if not lab.exists(): raise DataError(f"Image {f} has no label: expected {lab.name} beside it (ImageCAS layout)")
+            if not lab.exists():
+                raise DataError(f"Image {f} has no label: expected {lab.name} beside it (ImageCAS layout)")
             c = dict(image=str(f), label=str(lab))
             if (cl := f.with_name(f.name.replace('.img.', '.centerline.'))).exists(): c['centerline'] = str(cl)
             out.append(c)
@@ -191,21 +215,23 @@ def _header(path:str) -> tuple[tuple, tuple]:
     return tuple(img.shape[:3]), tuple(float(z) for z in img.header.get_zooms()[:3])
 
 def check_pairs(cases:Sequence[dict], atol_mm:float=1e-3) -> list[dict]:
-    "`cases`, once every image/label pair has matching shapes and spacings; a `DataError` naming the first that does not"
+    "`cases`, once every image/label pair has matching shapes and spacings; a `DataError` names the first that has not"
     for c in tqdm(cases, desc='checking headers', leave=False, disable=len(cases) < 50):
         (si, pi), (sl, pl) = _header(c['image']), _header(c['label'])
         if si != sl: raise DataError(f"Shapes differ: image {c['image']} is {si}, label {c['label']} is {sl}")
-        if not np.allclose(pi, pl, atol=atol_mm): raise DataError(f"Spacings differ: image {c['image']} has {pi} mm, label has {pl} mm")
+        if not np.allclose(pi, pl, atol=atol_mm):
+            raise DataError(f"Spacings differ: image {c['image']} has {pi} mm, label has {pl} mm")
     return list(cases)
 
 # %% ../nbs/api/04_data.ipynb #508002e9
-def split_cases(cases:Sequence[dict], fractions:Sequence[float]=(0.7, 0.15, 0.15), seed:int=42) -> dict[str, list[dict]]:
+def split_cases(cases:Sequence[dict], fractions:Sequence[float]=(0.7, 0.15, 0.15),
+                seed:int=42) -> dict[str, list[dict]]:
     "Deterministic `{'train', 'val', 'test'}` split of `cases` (one case at least in each part)"
     if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {tuple(fractions)}")
     n = len(cases)
-    if n < 3: raise DataError(f"{n} case{'s' if n != 1 else ''} cannot be split into train, val and test: at least 3 are needed "
-                              "(add data, or use --synthetic N with N >= 3)")
+    if n < 3: raise DataError(f"{n} case{'s' if n != 1 else ''} cannot be split into train, val and test: "
+                              "at least 3 are needed (add data, or use --synthetic N with N >= 3)")
     order = sorted(cases, key=lambda c: c['image'])
     idx = np.random.default_rng(seed).permutation(n)
     n_val, n_test = max(1, round(n * fractions[1])), max(1, round(n * fractions[2]))
@@ -214,7 +240,7 @@ def split_cases(cases:Sequence[dict], fractions:Sequence[float]=(0.7, 0.15, 0.15
     parts = np.split(idx, [n_train, n_train + n_val])
     return {k: [order[i] for i in sorted(p)] for k, p in zip(('train', 'val', 'test'), parts)}
 
-# %% ../nbs/api/04_data.ipynb #9ad12fbb
+# %% ../nbs/api/04_data.ipynb #b60e0163
 class CheckBinaryLabeld(MapTransform):
     "Fail with a clear message unless the label holds only 0 and 1"
     def __call__(self, data):
@@ -223,40 +249,57 @@ class CheckBinaryLabeld(MapTransform):
             vals = [int(v) if float(v).is_integer() else float(v) for v in torch.unique(torch.as_tensor(d[k])).tolist()]
             if not set(vals) <= {0, 1}:
                 src = getattr(d[k], 'meta', {}).get('filename_or_obj', k)
-                raise DataError(f"Label {src} is not binary: it holds {vals[:10]}. Map vessel classes to 1 and the rest to 0 first.")
+                raise DataError(f"Label {src} is not binary: it holds {vals[:10]}. "
+                                "Map vessel classes to 1 and the rest to 0 first.")
         return d
 
 def find_cause(e:BaseException, kind=None) -> BaseException|None:
-    "The first exception of type `kind` (default `DataError`) in `e`'s chain; MONAI wraps errors raised inside a transform"
+    "The first exception of type `kind` (default `DataError`) in `e`'s chain (MONAI wraps a transform's errors)"
     kind = kind or DataError
     while e is not None:
         if isinstance(e, kind): return e
         e = e.__cause__ or e.__context__
     return None
 
-def transforms(roi_size=(64, 64, 64), pixdim=(0.8, 0.8, 0.8), window=(-200.0, 700.0), train:bool=True, num_samples:int=2):
+# %% ../nbs/api/04_data.ipynb #9ad12fbb
+def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random crops
+               pixdim=(0.8, 0.8, 0.8),      # spacing (mm) every volume is resampled to
+               window=(-200.0, 700.0),      # the CT window (HU) mapped to [0, 1]
+               train:bool=True,             # add random patches and augmentation
+               num_samples:int=2,           # random patches per volume when `train`
+              ) -> Compose:
     "MONAI dictionary transforms for coronary CTA: load, orient, resample, window, crop; random patches when `train`"
     keys = ['image', 'label']
-    t = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), CheckBinaryLabeld('label'), Orientationd(keys, axcodes='RAS'),
-         Spacingd(keys, pixdim=pixdim, mode=('bilinear', 'nearest')),
+    t = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), CheckBinaryLabeld('label'),
+         Orientationd(keys, axcodes='RAS'), Spacingd(keys, pixdim=pixdim, mode=('bilinear', 'nearest')),
          ScaleIntensityRanged('image', a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
          CropForegroundd(keys, source_key='image', select_fn=lambda x: x > 0.05, margin=4, allow_smaller=True)]
     if train:
-        t += [SpatialPadd(keys, spatial_size=roi_size),  # a volume smaller than the ROI is padded, so every patch has its size
-              RandCropByPosNegLabeld(keys, label_key='label', spatial_size=roi_size, pos=1, neg=1, num_samples=num_samples,
-                                     image_key='image', allow_smaller=True),
+        # a volume smaller than the ROI is padded, so every patch has its size
+        t += [SpatialPadd(keys, spatial_size=roi_size),
+              RandCropByPosNegLabeld(keys, label_key='label', spatial_size=roi_size, pos=1, neg=1,
+                                     num_samples=num_samples, image_key='image', allow_smaller=True),
               RandFlipd(keys, prob=0.5, spatial_axis=0), RandRotate90d(keys, prob=0.3, spatial_axes=(0, 1)),
               RandScaleIntensityd('image', factors=0.1, prob=0.5), RandShiftIntensityd('image', offsets=0.05, prob=0.5)]
     return Compose(t + [EnsureTyped(keys, track_meta=False)])
 
 # %% ../nbs/api/04_data.ipynb #a67e8c10
-def datasets(cases:Sequence[dict], roi_size=(64, 64, 64), pixdim=(0.8, 0.8, 0.8), seed:int=42, cache:bool=True,
-             fractions=(0.7, 0.15, 0.15), num_samples:int=2, num_workers:int=0, progress:bool=False) -> dict:
+def datasets(cases:Sequence[dict],          # `[{image, label}]`, e.g. from `discover` or `generate_phantoms`
+             roi_size=(64, 64, 64),         # patch size of the training crops
+             pixdim=(0.8, 0.8, 0.8),        # spacing (mm) to resample to
+             seed:int=42,                   # seeds the split
+             cache:bool=True,               # cache the deterministic transforms in memory (`CacheDataset`)
+             fractions=(0.7, 0.15, 0.15),   # train, val and test shares
+             num_samples:int=2,             # random patches per training case and epoch
+             num_workers:int=0,             # worker processes for caching
+             progress:bool=False,           # show the caching progress bar
+            ) -> dict:                      # the three datasets, and `split`: their case paths
     "`{'train', 'val', 'test'}` MONAI datasets and `'split'` (the case paths) for `cases`"
     split = split_cases(check_pairs(cases), fractions, seed)
     ds = CacheDataset if cache else Dataset
     kw = lambda: dict(cache_rate=1.0, num_workers=num_workers, progress=progress) if cache else {}
     out = {k: ds(data=[{'image': c['image'], 'label': c['label']} for c in split[k]],
-                 transform=transforms(roi_size, pixdim, train=(k == 'train'), num_samples=num_samples), **kw()) for k in split}
+                 transform=transforms(roi_size, pixdim, train=(k == 'train'), num_samples=num_samples), **kw())
+           for k in split}
     out['split'] = {k: [dict(image=c['image'], label=c['label']) for c in v] for k, v in split.items()}
     return out

@@ -1,4 +1,4 @@
-"""Notebook panels (ipywidgets 8): browse a run's epochs and their artifacts, compare runs epoch by epoch, and register a model inline
+"""Notebook panels (ipywidgets 8): browse a run's epochs and artifacts, compare runs by epoch, register a model
 
 Docs: https://coronary-mlops.github.io/coronary_mlops/api/panels.html.md"""
 
@@ -8,14 +8,14 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/panels.html.md"""
 from __future__ import annotations
 import base64, html, io, json, logging, math, re, shutil, tempfile, weakref
 from pathlib import Path
-from contextlib import contextmanager
 from typing import Callable, Sequence
 from fastcore.basics import patch
 import numpy as np
 import ipywidgets as W
 from mlflow.entities import ViewType
-from .config import load_settings, redact
-from .artifacts import FILE_NAMES, epoch_dir, read_json, safe_join
+from .config import redact
+from .layout import FILE_NAMES, TAG_BEST_EPOCH, epoch_dir, safe_join
+from .storage import read_json
 from .tracker import MLflowTracker, RunInfo
 from . import registry
 
@@ -26,13 +26,18 @@ __all__ = ['IMAGE_TYPES', 'VOLUME_SUFFIXES', 'TEXT_SUFFIXES', 'RunArtifacts', 'v
 # %% ../nbs/api/06_panels.ipynb #90384899
 log = logging.getLogger('coronary_mlops.panels')
 
-# %% ../nbs/api/06_panels.ipynb #471a23f9
+# %% ../nbs/api/06_panels.ipynb #8c33c602
 def _fmt_size(n:int|None) -> str:
     if n is None: return '?'
     for unit in ('B', 'KB', 'MB', 'GB'):
         if n < 1024 or unit == 'GB': return f"{n:.0f} {unit}" if unit == 'B' else f"{n:.1f} {unit}"
         n /= 1024
 
+def _span(epochs) -> str:
+    if not epochs: return 'no epochs'
+    return f"epochs {epochs[0]}–{epochs[-1]}" if len(epochs) > 1 else f"epoch {epochs[0]}"
+
+# %% ../nbs/api/06_panels.ipynb #197f9755
 class RunArtifacts:
     "One run's epochs and their files, read from the store only when asked for"
     def __init__(self, run_id:str, tracker:MLflowTracker|None=None):
@@ -51,51 +56,64 @@ class RunArtifacts:
     def manifest(self, epoch:int) -> dict:
         "The epoch's manifest (read once)"
         if epoch not in self._manifests:
-            if epoch not in self.epochs: raise KeyError(f"Run {self.run_id} has no epoch {epoch}; it has {_span(self.epochs)}")
+            if epoch not in self.epochs:
+                raise KeyError(f"Run {self.run_id} has no epoch {epoch}; it has {_span(self.epochs)}")
             self.reads += 1
             self._manifests[epoch] = self.manager.manifest(self.run_id, epoch) or {'files': []}
         return self._manifests[epoch]
 
-    def files(self, epoch:int, category:str|None=None) -> list[dict]:
-        "The epoch's files as manifest entries with a `category` (the top folder); pruned checkpoints left out"
-        out = [{**e, 'category': e['path'].split('/')[0]} for e in self.manifest(epoch)['files'] if not e.get('pruned')]
-        return [e for e in out if category in (None, 'all', e['category'])]
+# %% ../nbs/api/06_panels.ipynb #beca447c
+@patch
+def files(self:RunArtifacts, epoch:int, category:str|None=None) -> list[dict]:
+    "The epoch's files as manifest entries with a `category` (the top folder); pruned checkpoints left out"
+    out = [{**e, 'category': e['path'].split('/')[0]} for e in self.manifest(epoch)['files'] if not e.get('pruned')]
+    return [e for e in out if category in (None, 'all', e['category'])]
 
-    def categories(self, epoch:int) -> list[str]: return sorted({e['category'] for e in self.files(epoch)})
+@patch
+def categories(self:RunArtifacts, epoch:int) -> list[str]: return sorted({e['category'] for e in self.files(epoch)})
 
-    def find(self, epoch:int, kind:str) -> str|None:
-        "Run-relative path of the epoch's file of a `LAYOUT` type written by the manager (metrics, metadata, summary…)"
-        p = f"{epoch_dir(kind, epoch)}/{FILE_NAMES[kind]}"
-        return p if any(e['path'] == p for e in self.files(epoch)) else None
+@patch
+def find(self:RunArtifacts, epoch:int, kind:str) -> str|None:
+    "Run-relative path of the epoch's file of a `LAYOUT` type written by the manager (metrics, metadata, summary…)"
+    p = f"{epoch_dir(kind, epoch)}/{FILE_NAMES[kind]}"
+    return p if any(e['path'] == p for e in self.files(epoch)) else None
 
-    def local(self, path:str) -> Path:
-        "A local copy of run-relative `path` (fetched once, decompressed and deduplicated by the manager)"
-        dst = safe_join(self.cache, path)
-        if not dst.exists():  # the manifest entry is in hand: the manager need not read the manifest again
-            entry = next((e for m in self._manifests.values() for e in m['files'] if e['path'] == path), None)
-            self.manager.download(self.run_id, path, dst.parent, entry=entry)
-        return dst
+# %% ../nbs/api/06_panels.ipynb #131af000
+@patch
+def local(self:RunArtifacts, path:str) -> Path:
+    "A local copy of run-relative `path` (fetched once, decompressed and deduplicated by the manager)"
+    dst = safe_join(self.cache, path)
+    if not dst.exists():  # the manifest entry is in hand: the manager need not read the manifest again
+        entry = next((e for m in self._manifests.values() for e in m['files'] if e['path'] == path), None)
+        self.manager.download(self.run_id, path, dst.parent, entry=entry)
+    return dst
 
-    def read_json(self, epoch:int, kind:str) -> dict:
-        p = self.find(epoch, kind)
-        return read_json(self.local(p).read_text()) if p else {}
+@patch
+def read_json(self:RunArtifacts, epoch:int, kind:str) -> dict:
+    "The epoch's JSON file of a `LAYOUT` type (`{}` when it has none)"
+    p = self.find(epoch, kind)
+    return read_json(self.local(p).read_text()) if p else {}  # the module's `read_json`: `patch` leaves it in place
 
-    def metrics(self, epoch:int) -> dict:
-        "The epoch's metrics, from its `metrics.json`"
-        return self.read_json(epoch, 'metrics').get('metrics', {})
+@patch
+def metrics(self:RunArtifacts, epoch:int) -> dict:
+    "The epoch's metrics, from its `metrics.json`"
+    return self.read_json(epoch, 'metrics').get('metrics', {})
 
-    def download(self, paths:Sequence[str], dst, progress:Callable[[int, int], None]|None=None) -> list[Path]:
-        "Copy run-relative `paths` to `dst/<run_id>/`, keeping the run's layout; `progress(done, total)` after each file"
-        root, out = Path(dst).expanduser()/self.run_id, []
-        for i, p in enumerate(paths):
-            target = safe_join(root, p)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.local(p), target); out.append(target)
-            if progress: progress(i + 1, len(paths))
-        return out
-
-def _span(epochs) -> str:
-    return 'no epochs' if not epochs else f"epochs {epochs[0]}–{epochs[-1]}" if len(epochs) > 1 else f"epoch {epochs[0]}"
+# %% ../nbs/api/06_panels.ipynb #aa261580
+@patch
+def download(self:RunArtifacts,
+             paths:Sequence[str], # run-relative paths
+             dst, # a folder: each file goes to `dst/<run_id>/<path>`
+             progress:Callable[[int, int], None]|None=None, # called as `progress(done, total)` after each file
+            ) -> list[Path]: # the copies
+    "Copy run-relative `paths` to `dst/<run_id>/`, keeping the run's layout"
+    root, out = Path(dst).expanduser()/self.run_id, []
+    for i, p in enumerate(paths):
+        target = safe_join(root, p)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.local(p), target); out.append(target)
+        if progress: progress(i + 1, len(paths))
+    return out
 
 # %% ../nbs/api/06_panels.ipynb #06a92892
 IMAGE_TYPES = {'.png': 'image/png', '.jpg': 'image/jpeg', '.jpeg': 'image/jpeg', '.gif': 'image/gif'}
@@ -105,8 +123,11 @@ TEXT_SUFFIXES = ('.log', '.txt', '.out', '.err', '.csv', '.yaml', '.yml', '.ini'
 def _bundle(data:dict) -> dict: return {'output_type': 'display_data', 'data': data, 'metadata': {}}
 
 def _pre(text:str) -> dict:
-    return {'text/html': f'<pre style="max-height:24em;overflow:auto;margin:0">{html.escape(text)}</pre>', 'text/plain': text}
+    "Preformatted `text` in a box that scrolls"
+    return {'text/html': f'<pre style="max-height:24em;overflow:auto;margin:0">{html.escape(text)}</pre>',
+            'text/plain': text}
 
+# %% ../nbs/api/06_panels.ipynb #6cc3551f
 def volume_png(vol, title:str='') -> bytes:
     "PNG of a 3D volume's middle axial slice next to its maximum-intensity projection"
     from matplotlib.figure import Figure
@@ -121,29 +142,38 @@ def volume_png(vol, title:str='') -> bytes:
     if title: fig.suptitle(title, fontsize=9)
     buf = io.BytesIO(); fig.savefig(buf, format='png', bbox_inches='tight'); return buf.getvalue()
 
+# %% ../nbs/api/06_panels.ipynb #819b5e39
+def _text_bundle(path:Path, tail:int) -> dict|None:
+    "MIME bundle of a JSON, markdown or text file; None for other types"
+    name = path.name.lower()
+    if not name.endswith(('.json', '.md', *TEXT_SUFFIXES)): return None
+    text = path.read_text(errors='replace')
+    if name.endswith('.json'):
+        try: return _pre(json.dumps(json.loads(text), indent=2, ensure_ascii=False))
+        except ValueError as e: return _pre(f"{path.name} is not valid JSON ({e}); its start:\n" + text[:2000])
+    if name.endswith('.md'): return {'text/markdown': text, 'text/plain': text}
+    lines = text.splitlines()
+    head = f"… {len(lines) - tail} earlier lines\n" if len(lines) > tail else ''
+    return _pre(head + '\n'.join(lines[-tail:]))
+
+# %% ../nbs/api/06_panels.ipynb #2e9788b2
+def _volume_bundle(path:Path) -> dict:
+    from monai.transforms import LoadImage  # MONAI loads lazily: only a volume preview needs it
+    vol = LoadImage(image_only=True)(str(path))
+    png = volume_png(vol, f"{path.name}  {tuple(vol.shape)}")
+    return {'image/png': base64.b64encode(png).decode(), 'text/plain': f"<{path.name}: volume {tuple(vol.shape)}>"}
+
 def preview(path, tail:int=40, max_mb:float=256) -> dict:
-    "MIME bundle that shows file `path`: image, pretty JSON, markdown, a log's last `tail` lines, or a volume's slice and MIP"
+    "MIME bundle that shows file `path`: image, pretty JSON, markdown, a log's last `tail` lines, or a volume"
     path = Path(path); name = path.name.lower()
     size = path.stat().st_size
     if mime := next((m for s, m in IMAGE_TYPES.items() if name.endswith(s)), None):
-        return {mime: base64.b64encode(path.read_bytes()).decode(), 'text/plain': f"<{path.name}: {_fmt_size(size)} image>"}
-    if size > max_mb * 2**20: return {'text/plain': f"{path.name}: {_fmt_size(size)}, too large to preview; download it"}
-    if name.endswith('.json'):
-        text = path.read_text(errors='replace')
-        try: return _pre(json.dumps(json.loads(text), indent=2, ensure_ascii=False))
-        except ValueError as e: return _pre(f"{path.name} is not valid JSON ({e}); its start:\n" + text[:2000])
-    if name.endswith('.md'):
-        text = path.read_text(errors='replace')
-        return {'text/markdown': text, 'text/plain': text}
-    if name.endswith(TEXT_SUFFIXES):
-        lines = path.read_text(errors='replace').splitlines()
-        head = f"… {len(lines) - tail} earlier lines\n" if len(lines) > tail else ''
-        return _pre(head + '\n'.join(lines[-tail:]))
-    if name.endswith(VOLUME_SUFFIXES):
-        from monai.transforms import LoadImage
-        vol = LoadImage(image_only=True)(str(path))
-        png = volume_png(vol, f"{path.name}  {tuple(vol.shape)}")
-        return {'image/png': base64.b64encode(png).decode(), 'text/plain': f"<{path.name}: volume {tuple(vol.shape)}>"}
+        data = base64.b64encode(path.read_bytes()).decode()
+        return {mime: data, 'text/plain': f"<{path.name}: {_fmt_size(size)} image>"}
+    if size > max_mb * 2**20:
+        return {'text/plain': f"{path.name}: {_fmt_size(size)}, too large to preview; download it"}
+    if (text := _text_bundle(path, tail)) is not None: return text
+    if name.endswith(VOLUME_SUFFIXES): return _volume_bundle(path)
     if name.endswith(('.pt', '.pth', '.ckpt')):
         return {'text/plain': f"{path.name}: PyTorch checkpoint, {_fmt_size(size)}. Load it with "
                               "coronary_mlops.artifacts.load_checkpoint (weights_only=True)."}
@@ -151,16 +181,20 @@ def preview(path, tail:int=40, max_mb:float=256) -> dict:
 
 # %% ../nbs/api/06_panels.ipynb #c374260e
 def _error_html(e:BaseException) -> str:
+    "One red line: the error's type and the first line of its message"
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ''
-    return f'<span style="color:#b00020">⚠ {html.escape(type(e).__name__)}: {html.escape(msg[:400], quote=False)}</span>'
+    return (f'<span style="color:#b00020">⚠ {html.escape(type(e).__name__)}: '
+            f'{html.escape(msg[:400], quote=False)}</span>')
 
 def _show(out:W.Output, *datas:dict):
     "Replace what `out` shows with the MIME bundles `datas` (no kernel needed, so tests and docs see it too)"
     out.outputs = tuple(_bundle(d) for d in datas)
 
+# %% ../nbs/api/06_panels.ipynb #1c5b1ea8
 def _md_table(rows:Sequence[Sequence], head:Sequence[str]) -> str:
     cell = lambda v: (f"{v:.4g}" if isinstance(v, float) else str(v)).replace('|', '\\|')
-    return '\n'.join(['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head), *['| ' + ' | '.join(map(cell, r)) + ' |' for r in rows]])
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    return '\n'.join(lines + ['| ' + ' | '.join(map(cell, r)) + ' |' for r in rows])
 
 def _html_table(rows:Sequence[Sequence], head:Sequence[str]) -> str:
     cell = lambda v: html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))
@@ -168,11 +202,12 @@ def _html_table(rows:Sequence[Sequence], head:Sequence[str]) -> str:
     trs = ''.join('<tr>' + ''.join(f'<td style="padding:0 .6em">{cell(v)}</td>' for v in r) + '</tr>' for r in rows)
     return f'<table style="font-size:90%"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
 
+# %% ../nbs/api/06_panels.ipynb #96786b53
 _LABEL = dict(description_width='7em')  # labels of one panel line up
 
 class _Panel(W.VBox):
-    "A VBox on a tracker's store whose callbacks report errors in its status line, and whose code can fill selectors without firing them"
-    _holding = False
+    "A VBox on a tracker's store whose callbacks report errors in its status line"
+    _holding = False  # True while the panel fills its own selectors
     def __init__(self, tracker:MLflowTracker|None=None):
         super().__init__()
         self.tracker = tracker or MLflowTracker()
@@ -190,19 +225,32 @@ class _Panel(W.VBox):
                 self.status.value = _error_html(e)
         return handler
 
-    def _fill(self, widget, options, value=None):
-        "Set `widget`'s options and value without firing its observers (the caller runs the next step itself)"
-        self._holding = True
-        try:
-            widget.options = options
-            if value is not None or not options: widget.value = value
-        finally: self._holding = False
-        return widget.value
+# %% ../nbs/api/06_panels.ipynb #c38bd87b
+@patch
+def _fill(self:_Panel, widget, options, value=None):
+    "Set `widget`'s options and value without firing its observers (the caller runs the next step itself)"
+    self._holding = True
+    try:
+        widget.options = options
+        if value is not None or not options: widget.value = value
+    finally: self._holding = False
+    return widget.value
 
+# %% ../nbs/api/06_panels.ipynb #71810ebf
 def _experiment_options(client) -> list[tuple[str, str]]:
     exps = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, order_by=['name ASC'])
     return [(e.name, e.experiment_id) for e in exps]
 
+def _find_experiment(tracker:MLflowTracker, experiment=None, run_id:str|None=None) -> str|None:
+    "Id of run `run_id`'s experiment, else of `experiment` (name or id), else of the tracker's if it exists, else None"
+    if run_id: return tracker.client.get_run(run_id).info.experiment_id
+    if experiment is not None:
+        try: return tracker.experiment_ids(experiment)[0]
+        except ValueError as e: raise ValueError(f"No experiment named {experiment!r}") from e
+    e = tracker.client.get_experiment_by_name(tracker.experiment_name)
+    return e.experiment_id if e else None
+
+# %% ../nbs/api/06_panels.ipynb #6e722b1a
 def _best(info:RunInfo, monitor:str) -> tuple[str, float]|None:
     "(name, value) of the run's best monitored metric: `best_<monitor>` if logged, else the latest `<monitor>`"
     for k in (f"best_{monitor}", monitor):
@@ -213,7 +261,8 @@ def run_label(info:RunInfo, monitor:str='val_dice') -> str:
     "One line for a run: start time, status, best monitored metric, name"
     b = _best(info, monitor)
     when = info.start_time.strftime('%Y-%m-%d %H:%M') if info.start_time else '?'
-    return ' · '.join([when, info.status, f"{b[0]} {b[1]:.3f}" if b else f"no {monitor}", info.run_name or info.run_id[:8]])
+    best = f"{b[0]} {b[1]:.3f}" if b else f"no {monitor}"
+    return ' · '.join([when, info.status, best, info.run_name or info.run_id[:8]])
 
 # %% ../nbs/api/06_panels.ipynb #2982e9cb
 class ArtifactBrowser(_Panel):
@@ -225,25 +274,7 @@ class ArtifactBrowser(_Panel):
                 ):
         super().__init__(tracker)
         self.run = None  # RunArtifacts of the open run
-        L = W.Layout
-        self.experiment = W.Dropdown(description='experiment', layout=L(width='32em'), style=_LABEL)
-        self.run_select = W.Dropdown(description='run', layout=L(width='48em'), style=_LABEL)
-        self.epoch = W.Dropdown(description='epoch', layout=L(width='14em'), style=_LABEL)
-        self.category = W.Dropdown(description='category', layout=L(width='20em'), style=_LABEL)
-        self.metrics = W.HTML()
-        self.summary = W.Output(layout=L(max_height='18em', overflow='auto'))
-        self.tree = W.Select(description='files', rows=10, layout=L(width='44em'))
-        self.preview = W.Output(layout=L(border='1px solid #ddd', min_height='4em', padding='4px'))
-        self.dest = W.Text(value=str(download_dir or Path.cwd()/'downloads'), description='to folder', layout=L(width='36em'), style=_LABEL)
-        self.download_file = W.Button(description='Download file', icon='download', layout=L(width='auto'))
-        self.download_epoch = W.Button(description='Download epoch', icon='download', layout=L(width='auto'))
-        self.progress = W.IntProgress(value=0, min=0, max=1, layout=L(width='16em', visibility='hidden'))
-        for w, c in ((self, 'coronary-browser'), (self.epoch, 'coronary-epoch'), (self.preview, 'coronary-preview'),
-                     (self.tree, 'coronary-files')): w.add_class(c)
-        self.children = [W.HBox([self.experiment, self.run_select]), W.HBox([self.epoch, self.category]),
-                         W.HBox([W.VBox([self.metrics, self.summary], layout=L(width='40%')), W.VBox([self.tree])]),
-                         W.HBox([self.dest, self.download_file, self.download_epoch, self.progress]),
-                         self.preview, self.status]
+        self._make_widgets(download_dir)
         self.experiment.observe(self._guard(lambda ch: self._load_runs()), 'value')
         self.run_select.observe(self._guard(lambda ch: self._open_run()), 'value')
         self.epoch.observe(self._guard(lambda ch: self._show_epoch()), 'value')
@@ -253,21 +284,34 @@ class ArtifactBrowser(_Panel):
         self.download_epoch.on_click(self._guard(lambda b: self._download(selection=False)))
         self._guard(self._start)(run_id, experiment)
 
-# %% ../nbs/api/06_panels.ipynb #ddfda73d
-def _find_experiment(client, experiment, fallback:str, run_id:str|None=None) -> str|None:
-    "Id of run `run_id`'s experiment, else of `experiment` (name or id), else of the experiment named `fallback`, else None"
-    if run_id: return client.get_run(run_id).info.experiment_id
-    if experiment is not None:
-        e = client.get_experiment_by_name(str(experiment))
-        if e is None and str(experiment).isdigit(): e = client.get_experiment(str(experiment))
-        if e is None: raise ValueError(f"No experiment named {experiment!r}")
-        return e.experiment_id
-    e = client.get_experiment_by_name(fallback)
-    return e.experiment_id if e else None
+# %% ../nbs/api/06_panels.ipynb #05b4d093
+@patch
+def _make_widgets(self:ArtifactBrowser, download_dir):
+    L = W.Layout
+    self.experiment = W.Dropdown(description='experiment', layout=L(width='32em'), style=_LABEL)
+    self.run_select = W.Dropdown(description='run', layout=L(width='48em'), style=_LABEL)
+    self.epoch = W.Dropdown(description='epoch', layout=L(width='14em'), style=_LABEL)
+    self.category = W.Dropdown(description='category', layout=L(width='20em'), style=_LABEL)
+    self.metrics = W.HTML()
+    self.summary = W.Output(layout=L(max_height='18em', overflow='auto'))
+    self.tree = W.Select(description='files', rows=10, layout=L(width='44em'))
+    self.preview = W.Output(layout=L(border='1px solid #ddd', min_height='4em', padding='4px'))
+    self.dest = W.Text(value=str(download_dir or Path.cwd()/'downloads'), description='to folder',
+                       layout=L(width='36em'), style=_LABEL)
+    self.download_file = W.Button(description='Download file', icon='download', layout=L(width='auto'))
+    self.download_epoch = W.Button(description='Download epoch', icon='download', layout=L(width='auto'))
+    self.progress = W.IntProgress(value=0, min=0, max=1, layout=L(width='16em', visibility='hidden'))
+    for w, c in ((self, 'coronary-browser'), (self.epoch, 'coronary-epoch'), (self.preview, 'coronary-preview'),
+                 (self.tree, 'coronary-files')): w.add_class(c)
+    self.children = [W.HBox([self.experiment, self.run_select]), W.HBox([self.epoch, self.category]),
+                     W.HBox([W.VBox([self.metrics, self.summary], layout=L(width='40%')), W.VBox([self.tree])]),
+                     W.HBox([self.dest, self.download_file, self.download_epoch, self.progress]),
+                     self.preview, self.status]
 
+# %% ../nbs/api/06_panels.ipynb #ddfda73d
 @patch
 def _start(self:ArtifactBrowser, run_id, experiment):
-    exp_id = _find_experiment(self.client, experiment, self.tracker.experiment_name, run_id)
+    exp_id = _find_experiment(self.tracker, experiment, run_id)
     opts = _experiment_options(self.client)
     self._fill(self.experiment, opts, exp_id if exp_id is not None else (opts[0][1] if opts else None))
     self._load_runs(run_id)
@@ -287,6 +331,7 @@ def refresh(self:ArtifactBrowser):
     self._load_runs(run)
     if ep is not None and ep in (self.run.epochs if self.run else []) and self.epoch.value != ep: self.epoch.value = ep
 
+# %% ../nbs/api/06_panels.ipynb #dad6adfb
 @patch
 def _open_run(self:ArtifactBrowser):
     if self.run_select.value is None:
@@ -294,9 +339,10 @@ def _open_run(self:ArtifactBrowser):
         return self._clear("This experiment has no runs yet." if not self.run_select.options else "Pick a run.")
     self.run = RunArtifacts(self.run_select.value, self.tracker)
     info = self.tracker.get_run_info(self.run.run_id)
-    best, eps = info.tags.get('coronary_mlops.best_epoch'), self.run.epochs
+    best, eps = info.tags.get(TAG_BEST_EPOCH), self.run.epochs
     self._fill(self.epoch, [(f"{e} ★" if str(e) == best else str(e), e) for e in eps], eps[-1] if eps else None)
-    if not eps: return self._clear(f"Run {self.run.run_id} ({info.status}) has no epochs filed by the artifact manager.")
+    if not eps:
+        return self._clear(f"Run {self.run.run_id} ({info.status}) has no epochs filed by the artifact manager.")
     self._show_epoch()
 
 @patch
@@ -305,42 +351,47 @@ def _clear(self:ArtifactBrowser, why:str):
     self._fill(self.tree, []); self._fill(self.category, [])
     _show(self.summary); _show(self.preview)
 
+# %% ../nbs/api/06_panels.ipynb #1b665ce6
+def _demote(bundle:dict, by:int=3) -> dict:
+    "A markdown bundle with its headings `by` levels smaller"
+    if 'text/markdown' not in bundle: return bundle
+    smaller = lambda m: '#' * min(6, len(m[1]) + by) + ' '
+    return {**bundle, 'text/markdown': re.sub(r'^(#{1,3}) ', smaller, bundle['text/markdown'], flags=re.M)}
+
 @patch
 def _show_epoch(self:ArtifactBrowser):
     if self.run is None or self.epoch.value is None: return
     ep = self.epoch.value
     rows = sorted(self.run.metrics(ep).items())
-    self.metrics.value = f"<b>epoch {ep}</b>" + _html_table(rows, ['metric', 'value']) if rows else f"<i>epoch {ep}: no metrics</i>"
+    self.metrics.value = (f"<b>epoch {ep}</b>" + _html_table(rows, ['metric', 'value']) if rows
+                          else f"<i>epoch {ep}: no metrics</i>")
     p = self.run.find(ep, 'summary')
     _show(self.summary, _demote(preview(self.run.local(p))) if p else {'text/plain': 'no summary'})
     cats = ['all', *self.run.categories(ep)]
     self._fill(self.category, cats, self.category.value if self.category.value in cats else 'all')
     self._fill_tree()
 
+# %% ../nbs/api/06_panels.ipynb #f79db257
+def _strip_epoch(path:str) -> str:
+    "`path` without its `epoch_NNN` folder, to match a file across epochs"
+    return '/'.join(p for p in path.split('/') if not (p.startswith('epoch_') and p[6:].isdigit()))
+
 @patch
 def _fill_tree(self:ArtifactBrowser):
     if self.run is None or self.epoch.value is None: return
     files, keep = self.run.files(self.epoch.value, self.category.value), self.tree.value
     paths = [e['path'] for e in files]
-    # keep showing the same kind of file across epochs (the same path, this epoch's number); else the first image
     same = next((p for p in paths if keep and _strip_epoch(p) == _strip_epoch(keep)), None)
     pick = same or next((p for p in paths if p.lower().endswith(tuple(IMAGE_TYPES))), paths[0] if paths else None)
     self._fill(self.tree, [(f"{e['path']}  ({_fmt_size(e['size'])})", e['path']) for e in files], pick)
     self._preview()
-
-def _demote(bundle:dict, by:int=3) -> dict:
-    "A markdown bundle with its headings `by` levels smaller, so that a summary's title does not dwarf the panel"
-    if 'text/markdown' in bundle: bundle = {**bundle, 'text/markdown': re.sub(r'^(#{1,3}) ', lambda m: '#' * min(6, len(m[1]) + by) + ' ', bundle['text/markdown'], flags=re.M)}
-    return bundle
-
-def _strip_epoch(path:str) -> str:
-    return '/'.join(p for p in path.split('/') if not (p.startswith('epoch_') and p[6:].isdigit()))
 
 @patch
 def _preview(self:ArtifactBrowser):
     if self.run is None or not self.tree.value: return _show(self.preview)
     _show(self.preview, preview(self.run.local(self.tree.value)))
 
+# %% ../nbs/api/06_panels.ipynb #bdcd826b
 @patch
 def _download(self:ArtifactBrowser, selection:bool):
     if self.run is None or self.epoch.value is None: raise ValueError("Open a run and an epoch first")
@@ -352,9 +403,11 @@ def _download(self:ArtifactBrowser, selection:bool):
     where = Path(self.dest.value).expanduser()/self.run.run_id
     self.status.value = f"Copied {len(paths)} file{'s' * (len(paths) != 1)} to <code>{html.escape(str(where))}</code>"
 
+# %% ../nbs/api/06_panels.ipynb #f953fa94
 @patch
 def _repr_markdown_(self:ArtifactBrowser) -> str:
-    if self.run is None or self.epoch.value is None: return f"**ArtifactBrowser**: {html.escape(self.metrics.value or 'nothing open')}"
+    if self.run is None or self.epoch.value is None:
+        return f"**ArtifactBrowser**: {html.escape(self.metrics.value or 'nothing open')}"
     ep, files = self.epoch.value, self.run.files(self.epoch.value)
     m = self.run.metrics(ep)
     head = (f"**ArtifactBrowser** · run `{self.run.run_id}` · epoch {ep} of {_span(self.run.epochs)} "
@@ -374,23 +427,22 @@ def _delta(a, b):
     ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     return b - a if ok(a) and ok(b) else ''
 
+# %% ../nbs/api/06_panels.ipynb #3588203c
 class RunComparison(_Panel):
     "One epoch of 2–4 runs side by side: metrics with differences, images next to each other, metadata that differs"
     IGNORE = ('epoch', 'timestamp', 'timestamp_ms', 'software.', 'git_commit', 'hostname', 'host', 'platform')
 
     def __init__(self, run_ids:Sequence[str], # 2 to 4 run ids
                  epoch:int|None=None, # the epoch to compare; the last one all runs have when None
-                 tracker:MLflowTracker|None=None):
+                 tracker:MLflowTracker|None=None, # where to read; `MLflowTracker()` (the configured store) when None
+                ):
         run_ids = list(dict.fromkeys(run_ids))
-        if not 2 <= len(run_ids) <= 4: raise ValueError(f"RunComparison compares 2 to 4 different runs, got {len(run_ids)}")
+        if not 2 <= len(run_ids) <= 4:
+            raise ValueError(f"RunComparison compares 2 to 4 different runs, got {len(run_ids)}")
         super().__init__(tracker)
         self.runs = [RunArtifacts(r, self.tracker) for r in run_ids]
         self.names = [self.tracker.get_run_info(r).run_name or r[:8] for r in run_ids]
-        common = sorted(set.intersection(*(set(r.epochs) for r in self.runs)))
-        if not common:
-            have = '; '.join(f"{n}: {_span(r.epochs)}" for n, r in zip(self.names, self.runs))
-            raise ValueError(f"These runs share no epoch ({have})")
-        if epoch is not None and epoch not in common: raise ValueError(f"Not every run has epoch {epoch}; shared epochs: {common}")
+        common = self._shared_epochs(epoch)
         self.epoch = W.Dropdown(options=common, value=common[-1] if epoch is None else epoch, description='epoch')
         self.metrics, self.images, self.json_diff = W.HTML(), W.VBox(), W.HTML()
         self.add_class('coronary-comparison')
@@ -402,33 +454,65 @@ class RunComparison(_Panel):
     @property
     def head(self) -> list[str]: return [f"{n} ({r.run_id[:8]})" for n, r in zip(self.names, self.runs)]
 
-    def _show_epoch(self):
-        ep = self.epoch.value
-        ms = [r.metrics(ep) for r in self.runs]
-        keys = sorted(set().union(*ms))
-        self.metric_rows = [(k, *[m.get(k, '–') for m in ms], *[_delta(ms[0].get(k), m.get(k)) for m in ms[1:]]) for k in keys]
-        self.metrics.value = _html_table(self.metric_rows, ['metric', *self.head, *[f"Δ {n}" for n in self.names[1:]]])
-        metas = [_flatten(r.read_json(ep, 'metadata')) for r in self.runs]
-        keys = sorted(k for k in set().union(*metas) if not k.startswith(self.IGNORE))
-        self.diff_rows = [(k, *[json.dumps(m.get(k, '–')) for m in metas]) for k in keys if len({json.dumps(m.get(k)) for m in metas}) > 1]
-        self.json_diff.value = _html_table(self.diff_rows, ['key', *self.head]) if self.diff_rows else '<i>no differences</i>'
-        self.image_keys = sorted({_strip_epoch(e['path']) for r in self.runs for e in r.files(ep)
-                                  if e['path'].lower().endswith(tuple(IMAGE_TYPES))})
-        rows = []
-        for key in self.image_keys:
-            cells = []
-            for name, r in zip(self.names, self.runs):
-                p = next((e['path'] for e in r.files(ep) if _strip_epoch(e['path']) == key), None)
-                img = W.Image(value=r.local(p).read_bytes(), layout=W.Layout(max_width='320px')) if p else W.HTML('<i>none</i>')
-                cells.append(W.VBox([W.HTML(f"<small>{html.escape(name)}</small>"), img]))
-            rows.append(W.VBox([W.HTML(f"<code>{html.escape(key)}</code>"), W.HBox(cells)]))
-        self.images.children = rows
+# %% ../nbs/api/06_panels.ipynb #a1d4ff54
+@patch
+def _shared_epochs(self:RunComparison, epoch:int|None) -> list[int]:
+    "The epochs all the runs have; `epoch`, unless None, must be one of them"
+    common = sorted(set.intersection(*(set(r.epochs) for r in self.runs)))
+    if not common:
+        have = '; '.join(f"{n}: {_span(r.epochs)}" for n, r in zip(self.names, self.runs))
+        raise ValueError(f"These runs share no epoch ({have})")
+    if epoch is not None and epoch not in common:
+        raise ValueError(f"Not every run has epoch {epoch}; shared epochs: {common}")
+    return common
 
-    def _repr_markdown_(self):
-        out = [f"**RunComparison** · epoch {self.epoch.value}", '',
-               _md_table(self.metric_rows, ['metric', *self.head, *[f"Δ {n}" for n in self.names[1:]]])]
-        if self.diff_rows: out += ['', _md_table(self.diff_rows, ['metadata', *self.head])]
-        return '\n'.join(out)
+@patch
+def _show_epoch(self:RunComparison):
+    ep = self.epoch.value
+    self._compare_metrics(ep); self._compare_metadata(ep); self._compare_images(ep)
+
+# %% ../nbs/api/06_panels.ipynb #45aba92f
+@patch
+def _compare_metrics(self:RunComparison, ep:int):
+    ms = [r.metrics(ep) for r in self.runs]
+    self.metric_rows = [(k, *[m.get(k, '–') for m in ms], *[_delta(ms[0].get(k), m.get(k)) for m in ms[1:]])
+                        for k in sorted(set().union(*ms))]
+    self.metrics.value = _html_table(self.metric_rows, ['metric', *self.head, *[f"Δ {n}" for n in self.names[1:]]])
+
+@patch
+def _compare_metadata(self:RunComparison, ep:int):
+    metas = [_flatten(r.read_json(ep, 'metadata')) for r in self.runs]
+    keys = sorted(k for k in set().union(*metas) if not k.startswith(self.IGNORE))
+    self.diff_rows = [(k, *[json.dumps(m.get(k, '–')) for m in metas]) for k in keys
+                      if len({json.dumps(m.get(k)) for m in metas}) > 1]
+    self.json_diff.value = (_html_table(self.diff_rows, ['key', *self.head]) if self.diff_rows
+                            else '<i>no differences</i>')
+
+# %% ../nbs/api/06_panels.ipynb #1d299961
+@patch
+def _compare_images(self:RunComparison, ep:int):
+    self.image_keys = sorted({_strip_epoch(e['path']) for r in self.runs for e in r.files(ep)
+                              if e['path'].lower().endswith(tuple(IMAGE_TYPES))})
+    self.images.children = [W.VBox([W.HTML(f"<code>{html.escape(key)}</code>"), W.HBox(self._image_cells(ep, key))])
+                            for key in self.image_keys]
+
+@patch
+def _image_cells(self:RunComparison, ep:int, key:str) -> list[W.VBox]:
+    "One cell per run: the run's name over its image `key`, or *none*"
+    cells = []
+    for name, r in zip(self.names, self.runs):
+        p = next((e['path'] for e in r.files(ep) if _strip_epoch(e['path']) == key), None)
+        img = W.Image(value=r.local(p).read_bytes(), layout=W.Layout(max_width='320px')) if p else W.HTML('<i>none</i>')
+        cells.append(W.VBox([W.HTML(f"<small>{html.escape(name)}</small>"), img]))
+    return cells
+
+# %% ../nbs/api/06_panels.ipynb #f264bec0
+@patch
+def _repr_markdown_(self:RunComparison):
+    out = [f"**RunComparison** · epoch {self.epoch.value}", '',
+           _md_table(self.metric_rows, ['metric', *self.head, *[f"Δ {n}" for n in self.names[1:]]])]
+    if self.diff_rows: out += ['', _md_table(self.diff_rows, ['metadata', *self.head])]
+    return '\n'.join(out)
 
 # %% ../nbs/api/06_panels.ipynb #f3ad1781
 def parse_tags(text:str) -> dict[str, str]:
@@ -443,89 +527,114 @@ def parse_tags(text:str) -> dict[str, str]:
         out[k] = v
     return out
 
+# %% ../nbs/api/06_panels.ipynb #5f9fe928
 class RegisterModelPanel(_Panel):
     "Register a FINISHED run's model from the notebook: name, alias, tags, and a link to the new version"
     ALIASES = ('champion', 'challenger', 'custom')
     def __init__(self, run_id:str|None=None, # the run; pick one among the experiment's runs when None
                  experiment:str|None=None, # experiment name or id; the run's, or the tracker's, when None
-                 tracker:MLflowTracker|None=None):
+                 tracker:MLflowTracker|None=None, # where to register; `MLflowTracker()` (the configured store) if None
+                ):
         super().__init__(tracker)
         self.last_version, self.why_disabled = None, ''
-        L = W.Layout
-        self.run_select = W.Dropdown(description='run', layout=L(width='48em'), style=_LABEL)
-        self.info = W.HTML()
-        self.name = W.Text(description='model name', layout=L(width='32em'), style=_LABEL)
-        self.alias = W.ToggleButtons(options=self.ALIASES, value='champion', description='alias', style=_LABEL)
-        self.custom_alias = W.Text(placeholder='alias', layout=L(width='12em', display='none'))
-        self.tags = W.Text(description='tags', placeholder='key=value, label, …', layout=L(width='32em'), style=_LABEL)
-        self.register = W.Button(description='Register', button_style='primary', icon='check')
-        self.reason, self.result = W.HTML(), W.HTML()
-        for w, c in ((self, 'coronary-register-panel'), (self.register, 'coronary-register'), (self.result, 'coronary-result')): w.add_class(c)
-        self.children = [self.run_select, self.info, self.name, W.HBox([self.alias, self.custom_alias]), self.tags,
-                         W.HBox([self.register, self.reason]), self.result, self.status]
-        self.alias.observe(lambda ch: setattr(self.custom_alias.layout, 'display', '' if ch['new'] == 'custom' else 'none'), 'value')
+        self._make_widgets()
+        show_custom = lambda ch: setattr(self.custom_alias.layout, 'display', '' if ch['new'] == 'custom' else 'none')
+        self.alias.observe(show_custom, 'value')
         self.run_select.observe(self._guard(lambda ch: self._show_run()), 'value')
         self.register.on_click(self._guard(lambda b: self._register()))
         self._guard(self._start)(run_id, experiment)
-
-    def _start(self, run_id, experiment):
-        exp_id = _find_experiment(self.client, experiment, self.tracker.experiment_name, run_id)
-        if exp_id is None: raise ValueError(f"No experiment {self.tracker.experiment_name!r} yet: train a model first")
-        self.experiment_id, self.experiment_name = exp_id, self.client.get_experiment(exp_id).name
-        self.name.value = registry.model_name(self.experiment_name, settings=self.tracker.settings)
-        self.refresh(run_id)
-
-    def refresh(self, run_id:str|None=None):
-        "Read the experiment's runs again, keeping the run shown (or showing `run_id`)"
-        want = run_id or self.run_select.value
-        runs = self.tracker.search_runs(self.experiment_id, max_results=500)
-        if not any(r.run_id == want for r in runs):
-            want = next((r.run_id for r in runs if r.status == 'FINISHED'), runs[0].run_id if runs else None)
-        self._fill(self.run_select, [(run_label(r, self.monitor), r.run_id) for r in runs], want)
-        if want is None: return self._disable("This experiment has no runs yet.")
-        self._show_run()
-
-    def _disable(self, why:str):
-        self.register.disabled, self.why_disabled = True, why
-        self.reason.value = f'<span style="color:#8a5a00">{html.escape(why)}</span>'
-
-    def _show_run(self):
-        self.result.value = ''
-        if self.run_select.value is None: return self._disable("Pick a run.")
-        info = self.run_info = self.tracker.get_run_info(self.run_select.value)
-        best = {k: v for k, v in info.metrics.items() if k.startswith(('best_', 'test_'))} or \
-               {k: v for k, v in info.metrics.items() if k.startswith('val_')}
-        self.info.value = (f"<b>{html.escape(info.run_name or '')}</b> <code>{info.run_id}</code> · status <b>{info.status}</b>"
-                           + (_html_table(sorted(best.items()), ['metric', 'value']) if best else ' · no validation metrics'))
-        if info.status != 'FINISHED':
-            return self._disable(f"Run is {info.status}: only FINISHED runs are registered. "
-                                 "Wait for it to finish, or end it with tracker.end_run('FINISHED').")
-        self.register.disabled, self.reason.value, self.why_disabled = False, '', ''
 
     @property
     def alias_value(self) -> str:
         return self.custom_alias.value.strip() if self.alias.value == 'custom' else self.alias.value
 
-    def _register(self):
-        if self.register.disabled: raise ValueError(self.why_disabled or "Registering is disabled")
-        name, alias, tags = self.name.value.strip(), self.alias_value, parse_tags(self.tags.value)
-        if not name: raise ValueError("Give the model a name")
-        if not alias: raise ValueError("Type the custom alias, or pick champion or challenger")
-        self.result.value = '<i>registering…</i>'
-        mv = registry.register_model(self.run_select.value, name, alias=alias, tags=tags, tracker=self.tracker)
-        self.last_version = mv
-        url = registry.ui_url(model=mv.name, version=mv.version, tracker=self.tracker)
-        link = (f'<a href="{html.escape(url)}" target="_blank">open in MLflow</a>' if url else
-                f"load it with <code>mlflow.pytorch.load_model('{html.escape(registry.model_uri(mv.name, alias))}')</code>; "
-                "browse it with <code>coronary-mlops ui</code>")
-        self.result.value = (f'<span style="color:#0a7d32">✔ Registered <b>{html.escape(mv.name)}</b> version {mv.version} '
-                             f'as <b>@{html.escape(alias)}</b></span> · {link}')
+# %% ../nbs/api/06_panels.ipynb #eef99627
+@patch
+def _make_widgets(self:RegisterModelPanel):
+    L = W.Layout
+    self.run_select = W.Dropdown(description='run', layout=L(width='48em'), style=_LABEL)
+    self.info = W.HTML()
+    self.name = W.Text(description='model name', layout=L(width='32em'), style=_LABEL)
+    self.alias = W.ToggleButtons(options=self.ALIASES, value='champion', description='alias', style=_LABEL)
+    self.custom_alias = W.Text(placeholder='alias', layout=L(width='12em', display='none'))
+    self.tags = W.Text(description='tags', placeholder='key=value, label, …', layout=L(width='32em'), style=_LABEL)
+    self.register = W.Button(description='Register', button_style='primary', icon='check')
+    self.reason, self.result = W.HTML(), W.HTML()
+    for w, c in ((self, 'coronary-register-panel'), (self.register, 'coronary-register'),
+                 (self.result, 'coronary-result')): w.add_class(c)
+    self.children = [self.run_select, self.info, self.name, W.HBox([self.alias, self.custom_alias]), self.tags,
+                     W.HBox([self.register, self.reason]), self.result, self.status]
 
-    def _repr_markdown_(self):
-        info = getattr(self, 'run_info', None)
-        if info is None: return f"**RegisterModelPanel**: {self.why_disabled or 'no run'}"
-        state = 'register disabled: ' + self.why_disabled if self.register.disabled else 'ready to register'
-        rows = [('run', f"`{info.run_id}` ({info.run_name})"), ('status', info.status), ('model name', f"`{self.name.value}`"),
-                ('alias', self.alias_value), ('state', state)]
-        if self.last_version is not None: rows.append(('registered', f"version {self.last_version.version}"))
-        return '**RegisterModelPanel**\n\n' + _md_table(rows, ['', ''])
+# %% ../nbs/api/06_panels.ipynb #da02a428
+@patch
+def _start(self:RegisterModelPanel, run_id, experiment):
+    exp_id = _find_experiment(self.tracker, experiment, run_id)
+    if exp_id is None: raise ValueError(f"No experiment {self.tracker.experiment_name!r} yet: train a model first")
+    self.experiment_id, self.experiment_name = exp_id, self.client.get_experiment(exp_id).name
+    self.name.value = registry.model_name(self.experiment_name, settings=self.tracker.settings)
+    self.refresh(run_id)
+
+@patch
+def refresh(self:RegisterModelPanel, run_id:str|None=None):
+    "Read the experiment's runs again, keeping the run shown (or showing `run_id`)"
+    want = run_id or self.run_select.value
+    runs = self.tracker.search_runs(self.experiment_id, max_results=500)
+    if not any(r.run_id == want for r in runs):
+        want = next((r.run_id for r in runs if r.status == 'FINISHED'), runs[0].run_id if runs else None)
+    self._fill(self.run_select, [(run_label(r, self.monitor), r.run_id) for r in runs], want)
+    if want is None: return self._disable("This experiment has no runs yet.")
+    self._show_run()
+
+# %% ../nbs/api/06_panels.ipynb #ca5ab044
+@patch
+def _disable(self:RegisterModelPanel, why:str):
+    self.register.disabled, self.why_disabled = True, why
+    self.reason.value = f'<span style="color:#8a5a00">{html.escape(why)}</span>'
+
+@patch
+def _show_run(self:RegisterModelPanel):
+    self.result.value = ''
+    if self.run_select.value is None: return self._disable("Pick a run.")
+    info = self.run_info = self.tracker.get_run_info(self.run_select.value)
+    best = {k: v for k, v in info.metrics.items() if k.startswith(('best_', 'test_'))} or \
+           {k: v for k, v in info.metrics.items() if k.startswith('val_')}
+    head = f"<b>{html.escape(info.run_name or '')}</b> <code>{info.run_id}</code> · status <b>{info.status}</b>"
+    table = _html_table(sorted(best.items()), ['metric', 'value']) if best else ' · no validation metrics'
+    self.info.value = head + table
+    if info.status != 'FINISHED':
+        return self._disable(f"Run is {info.status}: only FINISHED runs are registered. "
+                             "Wait for it to finish, or end it with tracker.end_run('FINISHED').")
+    self.register.disabled, self.reason.value, self.why_disabled = False, '', ''
+
+# %% ../nbs/api/06_panels.ipynb #ddb312c6
+@patch
+def _version_link(self:RegisterModelPanel, mv, alias:str) -> str:
+    "HTML that opens version `mv`: its page in the MLflow UI on a server, else how to load and browse it"
+    url = registry.ui_url(model=mv.name, version=mv.version, tracker=self.tracker)
+    if url: return f'<a href="{html.escape(url)}" target="_blank">open in MLflow</a>'
+    uri = html.escape(registry.model_uri(mv.name, alias))
+    return f"load it with <code>mlflow.pytorch.load_model('{uri}')</code>;" \
+           " browse it with <code>coronary-mlops ui</code>"
+
+@patch
+def _register(self:RegisterModelPanel):
+    if self.register.disabled: raise ValueError(self.why_disabled or "Registering is disabled")
+    name, alias, tags = self.name.value.strip(), self.alias_value, parse_tags(self.tags.value)
+    if not name: raise ValueError("Give the model a name")
+    if not alias: raise ValueError("Type the custom alias, or pick champion or challenger")
+    self.result.value = '<i>registering…</i>'
+    mv = self.last_version = registry.register_model(self.run_select.value, name, alias=alias, tags=tags,
+                                                     tracker=self.tracker)
+    self.result.value = (f'<span style="color:#0a7d32">✔ Registered <b>{html.escape(mv.name)}</b> version {mv.version} '
+                         f'as <b>@{html.escape(alias)}</b></span> · {self._version_link(mv, alias)}')
+
+# %% ../nbs/api/06_panels.ipynb #b7e60e36
+@patch
+def _repr_markdown_(self:RegisterModelPanel):
+    info = getattr(self, 'run_info', None)
+    if info is None: return f"**RegisterModelPanel**: {self.why_disabled or 'no run'}"
+    state = 'register disabled: ' + self.why_disabled if self.register.disabled else 'ready to register'
+    rows = [('run', f"`{info.run_id}` ({info.run_name})"), ('status', info.status),
+            ('model name', f"`{self.name.value}`"), ('alias', self.alias_value), ('state', state)]
+    if self.last_version is not None: rows.append(('registered', f"version {self.last_version.version}"))
+    return '**RegisterModelPanel**\n\n' + _md_table(rows, ['', ''])

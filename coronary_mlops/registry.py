@@ -1,4 +1,4 @@
-"""Register a run's model, move versions between aliases (champion, challenger), sync labels as searchable tags, fetch artifacts, link to the UI, and export to ONNX
+"""Log and register a run's model, move its aliases, label runs with searchable tags, fetch artifacts, export to ONNX
 
 Docs: https://coronary-mlops.github.io/coronary_mlops/api/registry.html.md"""
 
@@ -14,24 +14,28 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import torch
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models.model import ModelInfo
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_TAG_VAL_LENGTH
 from tqdm.auto import tqdm
-from .config import Settings, load_settings, redact_uri
-from .artifacts import check_name, safe_join, _quiet_downloads, _quiet_export
-from .tracker import MLflowTracker, TrackerError, kit_error, _is_permanent
+from .config import Settings, load_settings, redact_uri, is_permanent
+from .layout import KEY_BAD_CHARS, check_name, safe_join
+from .reader import quiet_downloads
+from .tracker import MLflowTracker, RunInfo, TrackerError, kit_error
 
 # %% auto #0
-__all__ = ['STAGE_ALIASES', 'STAGES', 'model_name', 'find_model_uri', 'check_alias', 'register_model', 'set_alias', 'get_version',
-           'model_uri', 'set_stage', 'promote_best', 'label_key', 'sync_tags', 'read_tags', 'list_artifacts',
-           'download_artifacts', 'ui_url', 'export_onnx', 'check_onnx']
+__all__ = ['STAGE_ALIASES', 'STAGES', 'model_name', 'quiet_export', 'log_model', 'find_model_uri', 'check_alias',
+           'register_model', 'set_alias', 'get_version', 'model_uri', 'set_stage', 'promote_best', 'label_key',
+           'sync_tags', 'read_tags', 'list_artifacts', 'download_artifacts', 'ui_url', 'check_onnx', 'export_onnx']
 
 # %% ../nbs/api/03_registry.ipynb #e6288537
 log = logging.getLogger('coronary_mlops.registry')
 
 # %% ../nbs/api/03_registry.ipynb #05479e0b
-def _ctx(tracker:MLflowTracker|None=None, settings:Settings|None=None, client:MlflowClient|None=None) -> tuple[Settings, MlflowClient]:
+def _ctx(tracker:MLflowTracker|None=None, settings:Settings|None=None,
+         client:MlflowClient|None=None) -> tuple[Settings, MlflowClient]:
     "(settings, client) from whichever of the three was given"
     if tracker is not None: return tracker.settings, client or tracker.client
     settings = settings or load_settings()
@@ -42,7 +46,7 @@ def _refusal(action:str, settings:Settings):
     "Turn MLflow's refusals (permission, missing entity) into the kit's errors, without credentials in them"
     try: yield
     except MlflowException as e:
-        if _is_permanent(e): raise kit_error(e, action, settings.tracking_uri) from None
+        if is_permanent(e): raise kit_error(e, action, settings.tracking_uri) from None
         raise
 
 # %% ../nbs/api/03_registry.ipynb #5b8a741a
@@ -52,39 +56,90 @@ def model_name(experiment:str, project:str|None=None, settings:Settings|None=Non
     name = re.sub(r'[^\w.\-]', '_', f"{project}-{experiment}".strip().replace(' ', '_'), flags=re.ASCII)
     return re.sub(r'_+', '_', name)[:MAX_ENTITY_KEY_LENGTH]
 
-# %% ../nbs/api/03_registry.ipynb #ffc1fdec
-def find_model_uri(run_id:str, client:MlflowClient) -> tuple[str, str|None]:
-    "(model URI, LoggedModel id or None) of the newest model logged in run `run_id`"
-    run = client.get_run(run_id)
-    with contextlib.suppress(MlflowException):
-        ms = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
-                                         order_by=[dict(field_name='creation_timestamp', ascending=False)], max_results=1)
-        if ms: return f"models:/{ms[0].model_id}", ms[0].model_id
-    if any(f.path == 'model/MLmodel' for f in client.list_artifacts(run_id, 'model')): return f"runs:/{run_id}/model", None
-    raise ValueError(f"Run {run_id} has no logged model: log one with mlflow.pytorch.log_model(..., name='model') inside the run, "
-                     "or pass model_uri=...")
+# %% ../nbs/api/03_registry.ipynb #f3f2f0be
+@contextlib.contextmanager
+def quiet_export(*loggers:str):
+    "No warnings, and only errors from `loggers`, while torch traces or exports a model"
+    ls = [logging.getLogger(n) for n in loggers]
+    levels = [l.level for l in ls]
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for l in ls: l.setLevel(logging.ERROR)
+        try: yield
+        finally:
+            for l, lv in zip(ls, levels): l.setLevel(lv)
 
-# %% ../nbs/api/03_registry.ipynb #46d346b8
+# %% ../nbs/api/03_registry.ipynb #52c7dbc6
 @contextlib.contextmanager
 def _resolving_in(settings:Settings):
     "Point MLflow's global tracking URI at this store for one call, then restore it"
-    # MLflow's registry resolves a `models:/<model_id>` source with MlflowClient() on the *global* tracking URI, not the
-    # calling client's (a TODO in its SqlAlchemyStore.create_model_version): from a fresh process that is ./mlflow.db
+    # MLflow resolves some things with MlflowClient() on the *global* tracking URI, not the calling client's: a
+    # LoggedModel's store when logging it, and a `models:/<model_id>` source when registering it (a TODO in its
+    # SqlAlchemyStore.create_model_version). From a fresh process that would be ./mlflow.db
     old = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(settings.tracking_uri)
     try: yield
     finally: mlflow.set_tracking_uri(old)
 
+# %% ../nbs/api/03_registry.ipynb #9ebf4862
+def log_model(model:torch.nn.Module,    # the trained network (on the CPU, in eval mode)
+              example:torch.Tensor,     # an input: saved with the model, and used to trace it
+              run_id:str,               # the run the model belongs to
+              *, step:int=0,            # the step (epoch) the model is linked to
+              best_metrics:Mapping|None=None, # that epoch's metrics, logged as `best_<name>` linked to the model
+              name:str='model',         # the LoggedModel's name
+              pip_requirements:Sequence[str]|None=None, # default: this torch version and monai
+              tracker:MLflowTracker|None=None, # the store, as a tracker...
+              settings:Settings|None=None,     # ...or settings...
+              client:MlflowClient|None=None,   # ...or a client; default: `load_settings()`
+             ) -> ModelInfo:            # its `model_uri` and `model_id`
+    "Log `model` into run `run_id` as a pt2 LoggedModel, with the metrics of its epoch linked to it"
+    settings, client = _ctx(tracker, settings, client)
+    reqs = list(pip_requirements or [f"torch=={torch.__version__.split('+')[0]}", 'monai'])
+    with _refusal(f"log a model into run {run_id}", settings), _resolving_in(settings), quiet_export('torch._export'):
+        mi = mlflow.pytorch.log_model(model, name=name, input_example=example.numpy(), serialization_format='pt2',
+                                      pip_requirements=reqs, step=step, run_id=run_id)
+        if best_metrics:
+            ts = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(f"best_{k}", float(v), ts, step, model_id=mi.model_id)
+                                              for k, v in best_metrics.items()])
+    return mi
+
+# %% ../nbs/api/03_registry.ipynb #ffc1fdec
+def find_model_uri(run_id:str, client:MlflowClient) -> tuple[str, str|None]:
+    "(model URI, LoggedModel id or None) of the newest model logged in run `run_id`"
+    run = client.get_run(run_id)
+    with contextlib.suppress(MlflowException):
+        newest = [dict(field_name='creation_timestamp', ascending=False)]
+        ms = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                         order_by=newest, max_results=1)
+        if ms: return f"models:/{ms[0].model_id}", ms[0].model_id
+    if any(f.path == 'model/MLmodel' for f in client.list_artifacts(run_id, 'model')):
+        return f"runs:/{run_id}/model", None
+    raise ValueError(f"Run {run_id} has no logged model: log one with mlflow.pytorch.log_model(..., name='model') "
+                     "inside the run, or pass model_uri=...")
+
+# %% ../nbs/api/03_registry.ipynb #2ef1b31f
 def check_alias(alias:str) -> str:
     "`alias` if MLflow can resolve `models:/name@alias`; otherwise a `ValueError` that says why"
     if not re.fullmatch(r'[\w\-]+', alias or '', flags=re.ASCII) or re.fullmatch(r'v\d+', alias) or alias == 'latest':
-        raise ValueError(f"Alias {alias!r} is not usable: use letters, digits, '_' and '-', and not 'latest' or v<number>")
+        raise ValueError(f"Alias {alias!r} is not usable: use letters, digits, '_' and '-', "
+                         "and not 'latest' or v<number>")
     return alias
 
-def register_model(run_id:str, name:str|None=None, *, model_uri:str|None=None, alias:str|None=None,
-                   tags:Mapping|None=None, require_finished:bool=True, description:str|None=None,
-                   tracker:MLflowTracker|None=None, settings:Settings|None=None, client:MlflowClient|None=None,
-                   await_seconds:int=300) -> ModelVersion:
+# %% ../nbs/api/03_registry.ipynb #46d346b8
+def register_model(run_id:str,                # a FINISHED run with a logged model
+                   name:str|None=None,        # the registered model; default: `model_name(experiment)`
+                   *, model_uri:str|None=None, # default: the run's newest logged model (`find_model_uri`)
+                   alias:str|None=None,       # point this alias at the new version
+                   tags:Mapping|None=None,    # tags of the new version
+                   require_finished:bool=True, # refuse runs that are not FINISHED (the kit's policy)
+                   description:str|None=None, # of the registered model and the version
+                   tracker:MLflowTracker|None=None, # the store, as a tracker...
+                   settings:Settings|None=None,     # ...or settings...
+                   client:MlflowClient|None=None,   # ...or a client; default: `load_settings()`
+                   await_seconds:int=300,     # how long to wait for the version to be READY
+                  ) -> ModelVersion:
     "Register the model of FINISHED run `run_id` as a new version of `name` (default `model_name(experiment)`)"
     settings, client = _ctx(tracker, settings, client)
     if alias is not None: check_alias(alias)  # before anything is created: a refused alias leaves no orphan version
@@ -101,16 +156,20 @@ def register_model(run_id:str, name:str|None=None, *, model_uri:str|None=None, a
         except MlflowException as e:
             if e.error_code not in ('RESOURCE_ALREADY_EXISTS', 'ALREADY_EXISTS'): raise
         with _resolving_in(settings):
-            mv = client.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()},
-                                             description=description, await_creation_for=await_seconds, model_id=model_id)
+            tags = {k: str(v) for k, v in (tags or {}).items()}
+            mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description,
+                                             await_creation_for=await_seconds, model_id=model_id)
         if alias: client.set_registered_model_alias(name, alias, mv.version)
     return client.get_model_version(name, mv.version)
 
 # %% ../nbs/api/03_registry.ipynb #0c5bf64c
-STAGE_ALIASES = {'production': 'champion', 'staging': 'challenger'}
-STAGES = ('None', 'Staging', 'Production', 'Archived')
-
-def set_alias(name:str, version, alias:str, *, tracker=None, settings=None, client=None) -> ModelVersion:
+def set_alias(name:str,      # the registered model
+              version,       # the version, as a number or a string
+              alias:str,     # e.g. 'champion'
+              *, tracker=None, # the store, as a tracker...
+              settings=None, # ...or settings...
+              client=None,   # ...or a client; default: `load_settings()`
+             ) -> ModelVersion:
     "Point `alias` of registered model `name` at `version`"
     settings, client = _ctx(tracker, settings, client)
     check_alias(alias)
@@ -118,20 +177,38 @@ def set_alias(name:str, version, alias:str, *, tracker=None, settings=None, clie
         client.set_registered_model_alias(name, alias, str(version))
         return client.get_model_version(name, str(version))
 
-def get_version(name:str, alias:str='champion', *, tracker=None, settings=None, client=None) -> ModelVersion:
+def get_version(name:str,                # the registered model
+                alias:str='champion',    # the alias to follow
+                *, tracker=None, # the store, as a tracker...
+                   settings=None, # ...or its settings...
+                   client=None,   # ...or a client (default: `load_settings()`)
+               ) -> ModelVersion:
     "The version of `name` that `alias` points at"
     settings, client = _ctx(tracker, settings, client)
-    with _refusal(f"read alias {alias!r} of model {name!r}", settings): return client.get_model_version_by_alias(name, alias)
+    with _refusal(f"read alias {alias!r} of model {name!r}", settings):
+        return client.get_model_version_by_alias(name, alias)
 
 def model_uri(name:str, alias:str='champion') -> str:
     "The URI that loads the version `alias` points at, e.g. with `mlflow.pytorch.load_model`"
     return f"models:/{name}@{alias}"
 
-def set_stage(name:str, version, stage:str, *, tracker=None, settings=None, client=None) -> ModelVersion:
+# %% ../nbs/api/03_registry.ipynb #07d8ed5c
+STAGE_ALIASES = {'production': 'champion', 'staging': 'challenger'}
+STAGES = ('None', 'Staging', 'Production', 'Archived')
+
+def set_stage(name:str,      # the registered model
+              version,       # the version, as a number or a string
+              stage:str,     # one of `STAGES`, in any case
+              *, tracker=None, # the store, as a tracker...
+                 settings=None, # ...or its settings...
+                 client=None,   # ...or a client (default: `load_settings()`)
+             ) -> ModelVersion:
     "Move a version to a legacy stage by aliases: Production→champion, Staging→challenger, Archived/None→no alias"
     settings, client = _ctx(tracker, settings, client)
     st = next((s for s in STAGES if s.lower() == str(stage).lower()), None)
-    if st is None: raise ValueError(f"Unknown stage {stage!r}: use one of {', '.join(STAGES)} (mapped to aliases: {STAGE_ALIASES})")
+    if st is None:
+        raise ValueError(f"Unknown stage {stage!r}: use one of {', '.join(STAGES)} "
+                         f"(mapped to aliases: {STAGE_ALIASES})")
     version = str(version)
     with _refusal(f"change the stage of model {name!r} version {version}", settings):
         mv = client.get_model_version(name, version)
@@ -142,12 +219,20 @@ def set_stage(name:str, version, stage:str, *, tracker=None, settings=None, clie
         return client.get_model_version(name, version)
 
 # %% ../nbs/api/03_registry.ipynb #551eab8e
-def promote_best(experiment:str|None=None, metric:str='val_dice', mode:str='max', alias:str='champion',
-                 name:str|None=None, *, tracker:MLflowTracker|None=None, settings=None, filter:str='') -> ModelVersion:
+def promote_best(experiment:str|None=None, # default: the tracker's experiment
+                 metric:str='val_dice',    # the metric that ranks the runs
+                 mode:str='max',           # 'max' or 'min'
+                 alias:str='champion',     # the alias to point at the best run's version
+                 name:str|None=None,       # the registered model; default: `model_name(experiment)`
+                 *, tracker:MLflowTracker|None=None, # the store, as a tracker...
+                 settings=None,            # ...or settings; default: `load_settings()`
+                 filter:str='',            # an MLflow search filter on the runs, e.g. "params.roi_size = '[48,48,48]'"
+                ) -> ModelVersion:
     "Register (if needed) the best FINISHED run's model of `experiment` and point `alias` at it"
     tracker = tracker or MLflowTracker(settings=settings or load_settings())
     best = tracker.get_best_run(metric, mode, experiment, filter)
-    if best is None: raise ValueError(f"No FINISHED run of {experiment or tracker.experiment_name!r} has a finite {metric!r}")
+    if best is None:
+        raise ValueError(f"No FINISHED run of {experiment or tracker.experiment_name!r} has a finite {metric!r}")
     name = name or model_name(tracker.client.get_experiment(best.experiment_id).name, settings=tracker.settings)
     with _refusal(f"search versions of model {name!r}", tracker.settings):
         existing = [v for v in tracker.client.search_model_versions(f"name = '{name}' and run_id = '{best.run_id}'")] \
@@ -156,25 +241,32 @@ def promote_best(experiment:str|None=None, metric:str='val_dice', mode:str='max'
     return register_model(best.run_id, name, alias=alias, tracker=tracker)
 
 # %% ../nbs/api/03_registry.ipynb #d6cd98d3
-_KEY_BAD = re.compile(r'[^/\w.\- :]', flags=re.ASCII)
 _LABEL_KEYS = re.compile(r'^(tag_\d+|all_tags|tag_count|tag\..+)$')
 
 def _labels(labels) -> list[str]:
+    "`labels` stripped, checked and without duplicates (first place wins)"
     if isinstance(labels, str): labels = [labels]
-    out = []
+    out, most = [], MAX_ENTITY_KEY_LENGTH - 10
     for raw in labels:
         l = str(raw).strip()
         if not l: raise ValueError(f"Empty label in {list(labels)!r}")
-        if ',' in l: raise ValueError(f"Label {l!r} contains a comma, which would split all_tags; use another separator")
-        if len(l) > MAX_ENTITY_KEY_LENGTH - 10: raise ValueError(f"Label {l[:30]!r}… is {len(l)} characters; at most {MAX_ENTITY_KEY_LENGTH - 10} are allowed")
+        if ',' in l:
+            raise ValueError(f"Label {l!r} contains a comma, which would split all_tags; use another separator")
+        if len(l) > most: raise ValueError(f"Label {l[:30]!r}… is {len(l)} characters; at most {most} are allowed")
         if l not in out: out.append(l)
     return out
 
 def label_key(label:str) -> str:
-    "The searchable tag key of `label`"
-    return 'tag.' + _KEY_BAD.sub('_', label)
+    "The searchable tag key of `label`: the characters MLflow refuses in a key become `_`"
+    return 'tag.' + KEY_BAD_CHARS.sub('_', label)
 
-def sync_tags(run_id:str, tags:Sequence[str], *, tracker=None, settings=None, client=None) -> dict[str, str]:
+# %% ../nbs/api/03_registry.ipynb #d1bb68be
+def sync_tags(run_id:str,         # the run
+              tags:Sequence[str], # its labels, in order (a single string is one label)
+              *, tracker=None, # the store, as a tracker...
+                 settings=None, # ...or its settings...
+                 client=None,   # ...or a client (default: `load_settings()`)
+             ) -> dict[str, str]: # the label tags written
     "Make the run's label tags mirror `tags` exactly; return the label tags written"
     settings, client = _ctx(tracker, settings, client)
     labels = _labels(tags)
@@ -182,21 +274,28 @@ def sync_tags(run_id:str, tags:Sequence[str], *, tracker=None, settings=None, cl
             'tag_count': str(len(labels)), **{label_key(l): 'true' for l in labels}}
     with _refusal(f"tag run {run_id}", settings):
         have = {k for k in client.get_run(run_id).data.tags if _LABEL_KEYS.match(k)}
-        from mlflow.entities import RunTag
         items = [RunTag(k, v) for k, v in want.items()]
         for i in range(0, len(items), 100): client.log_batch(run_id, tags=items[i:i + 100])
         for k in sorted(have - set(want)): client.delete_tag(run_id, k)
     return want
 
-def read_tags(run_id:str, *, tracker=None, settings=None, client=None) -> list[str]:
+def read_tags(run_id:str, # the run
+              *, tracker=None, # the store, as a tracker...
+                 settings=None, # ...or its settings...
+                 client=None,   # ...or a client (default: `load_settings()`)
+             ) -> list[str]:
     "The run's labels, in order, as written by `sync_tags` (or by hand as tag_0 … tag_n)"
     settings, client = _ctx(tracker, settings, client)
-    with _refusal(f"read run {run_id}", settings): tags = client.get_run(run_id).data.tags
-    n = int(tags.get('tag_count') or sum(1 for k in tags if re.fullmatch(r'tag_\d+', k)))
-    return [tags[f'tag_{i}'] for i in range(n) if f'tag_{i}' in tags]
+    with _refusal(f"read run {run_id}", settings): return RunInfo.from_run(client.get_run(run_id)).labels
 
 # %% ../nbs/api/03_registry.ipynb #838ac883
-def list_artifacts(run_id:str, path:str|None=None, recursive:bool=False, *, tracker=None, settings=None, client=None) -> list:
+def list_artifacts(run_id:str,          # the run
+                   path:str|None=None,  # a run-relative folder; default: the top
+                   recursive:bool=False, # list the files of every level below `path`
+                   *, tracker=None, # the store, as a tracker...
+                      settings=None, # ...or its settings...
+                      client=None,   # ...or a client (default: `load_settings()`)
+                  ) -> list:
     "`FileInfo`s under `path` of the run (files only, all levels, when `recursive`)"
     settings, client = _ctx(tracker, settings, client)
     if path: check_name(path, 'artifact path')
@@ -207,8 +306,16 @@ def list_artifacts(run_id:str, path:str|None=None, recursive:bool=False, *, trac
             else: out.append(fi)
         return out
 
-def download_artifacts(run_id:str, paths:str|Sequence[str], dst, *, tracker=None, settings=None, client=None,
-                       max_workers:int=4, progress:bool=True) -> list[Path]:
+# %% ../nbs/api/03_registry.ipynb #5b7749d4
+def download_artifacts(run_id:str,              # the run
+                       paths:str|Sequence[str], # run-relative files or folders
+                       dst,                     # the local folder they go to
+                       *, tracker=None, # the store, as a tracker...
+                          settings=None, # ...or its settings...
+                          client=None,   # ...or a client (default: `load_settings()`)
+                       max_workers:int=4,       # downloads at once
+                       progress:bool=True,      # one progress bar for the batch
+                      ) -> list[Path]:          # the local copies, in the order of `paths`
     "Download run-relative `paths` (files or folders) into `dst`, keeping their relative layout"
     settings, client = _ctx(tracker, settings, client)
     paths = [paths] if isinstance(paths, str) else list(paths)
@@ -219,12 +326,19 @@ def download_artifacts(run_id:str, paths:str|Sequence[str], dst, *, tracker=None
         with _refusal(f"download {p} of run {run_id}", settings):
             return Path(client.download_artifacts(run_id, p.rstrip('/'), str(parent)))
     with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(paths) or 1))) as ex, \
-         (contextlib.nullcontext() if progress else _quiet_downloads()):  # one bar for the batch, not MLflow's per file
-        return list(tqdm(ex.map(one, paths), total=len(paths), desc=f"downloading {len(paths)} artifacts", disable=not progress, leave=False))
+         (contextlib.nullcontext() if progress else quiet_downloads()):  # one bar for the batch, not MLflow's per file
+        return list(tqdm(ex.map(one, paths), total=len(paths), desc=f"downloading {len(paths)} artifacts",
+                         disable=not progress, leave=False))
 
 # %% ../nbs/api/03_registry.ipynb #49b2a954
-def ui_url(run_id:str|None=None, artifact_path:str|None=None, *, model:str|None=None, version=None,
-           tracker=None, settings=None, client=None) -> str|None:
+def ui_url(run_id:str|None=None,        # a run
+           artifact_path:str|None=None, # one of its artifacts
+           *, model:str|None=None,      # or a registered model...
+           version=None,                # ...and one of its versions
+           tracker=None, # the store, as a tracker...
+           settings=None, # ...or its settings...
+           client=None,   # ...or a client (default: `load_settings()`)
+          ) -> str|None:
     "The MLflow UI address of a run (or one of its artifacts), or of a model version; None without a server"
     settings, client = _ctx(tracker, settings, client)
     if not settings.tracking_uri.startswith(('http://', 'https://')): return None
@@ -236,17 +350,47 @@ def ui_url(run_id:str|None=None, artifact_path:str|None=None, *, model:str|None=
     url = f"{host}/#/experiments/{exp}/runs/{run_id}"
     return url + (f"/artifacts/{quote(check_name(artifact_path, 'artifact path'))}" if artifact_path else '')
 
+# %% ../nbs/api/03_registry.ipynb #43ae6e97
+def check_onnx(model,            # the torch network
+               example,          # an input
+               path,             # its ONNX export
+               rtol:float=1e-3,  # relative tolerance, per element of the output
+               atol:float=1e-4,  # absolute tolerance
+              ) -> float:        # the largest difference
+    "Largest |onnxruntime − torch| on `example`; an AssertionError if any element is outside atol + rtol·|torch|"
+    import numpy as np, onnxruntime as ort  # onnxruntime is optional: pip install coronary-mlops[onnx]
+    with torch.no_grad(): ref = model(example).float().cpu().numpy()
+    sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    out = sess.run(None, {sess.get_inputs()[0].name: example.cpu().numpy()})[0]
+    if out.shape != ref.shape: raise AssertionError(f"ONNX output shape {out.shape} != torch output shape {ref.shape}")
+    diff = np.abs(out - ref)
+    bad = diff > atol + rtol * np.abs(ref)
+    if bad.any():
+        raise AssertionError(f"ONNX and torch disagree at {int(bad.sum())} of {bad.size} elements (max |diff| "
+                             f"{diff.max():.3g}); tolerance atol={atol} + rtol={rtol}·|torch|")
+    return float(diff.max())
+
 # %% ../nbs/api/03_registry.ipynb #52524084
-def export_onnx(model:torch.nn.Module, example:torch.Tensor, path, *, run_id:str|None=None, artifact_path:str='onnx',
-                opset:int|None=None, check:bool=True, rtol:float=1e-3, atol:float=1e-4,
-                tracker:MLflowTracker|None=None, settings=None, client=None) -> Path:
+def export_onnx(model:torch.nn.Module,  # the network
+                example:torch.Tensor,   # an input: traced, then used to compare onnxruntime with torch
+                path,                   # the .onnx file to write
+                *, run_id:str|None=None, # log the file into this run
+                artifact_path:str='onnx', # the run-relative folder it goes to
+                opset:int|None=None,    # ONNX opset; default: the exporter's
+                check:bool=True,        # compare onnxruntime with torch on `example` (`check_onnx`)
+                rtol:float=1e-3,        # relative tolerance of the check
+                atol:float=1e-4,        # absolute tolerance of the check
+                tracker:MLflowTracker|None=None, # the store, as a tracker...
+                settings=None, # ...or its settings...
+                client=None,   # ...or a client (default: `load_settings()`)
+               ) -> Path:
     "Export `model` to ONNX at `path`, check it in onnxruntime on `example`, and log it into `run_id` if given"
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training; model.eval()
     example = example.detach().to(next(model.parameters()).device) if any(True for _ in model.parameters()) else example
     try:
         batch = torch.export.Dim('batch', min=1, max=1024)
-        with _quiet_export('torch.onnx'), contextlib.redirect_stdout(None):  # torch.onnx: "torchvision is not installed"
+        with quiet_export('torch.onnx'), contextlib.redirect_stdout(None):  # torch.onnx: "torchvision is not installed"
             torch.onnx.export(model, (example,), str(path), input_names=['image'], output_names=['logits'], dynamo=True,
                               dynamic_shapes=({0: batch},), opset_version=opset, verbose=False)
         diff = check_onnx(model, example, path, rtol=rtol, atol=atol) if check else None
@@ -257,16 +401,3 @@ def export_onnx(model:torch.nn.Module, example:torch.Tensor, path, *, run_id:str
             client.log_artifact(run_id, str(path), check_name(artifact_path, 'artifact_path'))
             if diff is not None: client.set_tag(run_id, 'onnx.max_abs_diff', f"{diff:.3g}")
     return path
-
-def check_onnx(model, example, path, rtol:float=1e-3, atol:float=1e-4) -> float:
-    "Largest |onnxruntime − torch| on `example`; an AssertionError if any element is outside atol + rtol·|torch|"
-    import numpy as np, onnxruntime as ort  # onnxruntime is optional: pip install coronary-mlops[onnx]
-    with torch.no_grad(): ref = model(example).float().cpu().numpy()
-    sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    out = sess.run(None, {sess.get_inputs()[0].name: example.cpu().numpy()})[0]
-    if out.shape != ref.shape: raise AssertionError(f"ONNX output shape {out.shape} != torch output shape {ref.shape}")
-    diff = np.abs(out - ref)
-    bad = diff > atol + rtol * np.abs(ref)
-    if bad.any(): raise AssertionError(f"ONNX and torch disagree at {int(bad.sum())} of {bad.size} elements (max |diff| {diff.max():.3g}); "
-                                       f"tolerance atol={atol} + rtol={rtol}·|torch|")
-    return float(diff.max())

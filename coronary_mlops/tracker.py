@@ -1,4 +1,4 @@
-"""Runs, params, metrics and artifacts for MLflow, with logging that never blocks training and an offline spool that loses nothing when the server goes away
+"""Runs, params, metrics and artifacts for MLflow: logging that never blocks training, and an offline spool
 
 Docs: https://coronary-mlops.github.io/coronary_mlops/api/tracker.html.md"""
 
@@ -6,39 +6,30 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/tracker.html.md"""
 
 # %% ../nbs/api/02_tracker.ipynb #8cd927a6
 from __future__ import annotations
-import atexit, contextlib, hashlib, json, logging, math, os, re, shutil, tempfile, threading, time, uuid, weakref
-from collections import deque
-from dataclasses import dataclass, field
+import atexit, contextlib, hashlib, json, logging, math, os, re, time, uuid, weakref
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 import requests
 import mlflow
-from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
+from mlflow.entities import RunTag, ViewType
 from mlflow.exceptions import MlflowException
-from mlflow.utils.validation import (MAX_ENTITY_KEY_LENGTH, MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH,
-                                     MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH)
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from fastcore.basics import patch
-from .config import Settings, load_settings, get_or_create_experiment, redact, redact_uri, find_env_file, find_settings_file
-from .artifacts import MLflowArtifactManager, check_name, to_jsonable
+from .config import (Settings, load_settings, get_or_create_experiment, redact, redact_uri, env_override,
+                                   is_permanent)
+from .layout import TAG_END_REASON, TAG_OFFLINE_ID, check_key, check_name
+from .storage import to_jsonable
+from .uploader import move_spooled_run
+from .artifacts import MLflowArtifactManager
+from .record_queue import RecordQueue, TrackerError, TrackerPermissionError, kit_error
 
 # %% auto #0
-__all__ = ['check_key', 'param_value', 'flatten_params', 'RunInfo', 'TrackerError', 'TrackerPermissionError',
-           'ParamConflictError', 'kit_error', 'MLflowTracker', 'TrackedRun']
+__all__ = ['param_value', 'flatten_params', 'RunInfo', 'ParamConflictError', 'MLflowTracker', 'TrackedRun']
 
 # %% ../nbs/api/02_tracker.ipynb #57e26726
 log = logging.getLogger('coronary_mlops.tracker')
-
-# %% ../nbs/api/02_tracker.ipynb #ac0dca0c
-_NAME_RE = re.compile(r'^[/\w.\- :]*$')
-
-def check_key(key, what:str='metric') -> str:
-    "`key` if MLflow accepts it as a metric, param or tag name; otherwise a `ValueError` that says why"
-    if not isinstance(key, str) or not key: raise ValueError(f"{what} name must be a non-empty string, got {key!r}")
-    if len(key) > MAX_ENTITY_KEY_LENGTH: raise ValueError(f"{what} name {key[:40]!r}… is {len(key)} characters; MLflow allows {MAX_ENTITY_KEY_LENGTH}")
-    if not _NAME_RE.match(key): raise ValueError(f"{what} name {key!r} has characters MLflow rejects: use letters, digits, '_', '-', '.', ' ', ':' and '/'")
-    if key.startswith('/') or '..' in key.split('/') or '//' in key: raise ValueError(f"{what} name {key!r} is not a clean relative path")
-    return key
 
 # %% ../nbs/api/02_tracker.ipynb #f0671179
 def param_value(v) -> str:
@@ -63,10 +54,16 @@ def _dt(ms) -> datetime|None: return datetime.fromtimestamp(ms / 1000, tz=timezo
 @dataclass
 class RunInfo:
     "One MLflow run: status, times, params, latest metrics, tags and where its artifacts are"
-    run_id:str; run_name:str; experiment_id:str; status:str
-    start_time:datetime|None; end_time:datetime|None
-    params:dict = field(default_factory=dict); metrics:dict = field(default_factory=dict)
-    tags:dict = field(default_factory=dict); artifact_uri:str = ''
+    run_id:str # the run's id in the store
+    run_name:str # its name
+    experiment_id:str # its experiment
+    status:str # RUNNING, FINISHED, FAILED or KILLED
+    start_time:datetime|None # when it started (UTC)
+    end_time:datetime|None # when it ended (UTC), None while running
+    params:dict = field(default_factory=dict) # {key: value} as MLflow stores them
+    metrics:dict = field(default_factory=dict) # {key: latest value}
+    tags:dict = field(default_factory=dict) # {key: value}
+    artifact_uri:str = '' # where its artifacts are
 
     @classmethod
     def from_run(cls, run) -> RunInfo:
@@ -80,17 +77,20 @@ class RunInfo:
 
     @property
     def labels(self) -> list[str]:
-        "The labels written by `registry.sync_tags`, in order"
-        return [self.tags[f'tag_{i}'] for i in range(int(self.tags.get('tag_count', 0) or 0)) if f'tag_{i}' in self.tags]
+        "The labels written by `registry.sync_tags` (or by hand as tag_0 … tag_n), in order"
+        n = int(self.tags.get('tag_count') or sum(1 for k in self.tags if re.fullmatch(r'tag_\d+', k)))
+        return [self.tags[f'tag_{i}'] for i in range(n) if f'tag_{i}' in self.tags]
 
     def _repr_markdown_(self):
         fmt = lambda t: t.strftime('%Y-%m-%d %H:%M:%S UTC') if t else '–'
-        rows = [('run', f"`{self.run_id}` ({self.run_name})"), ('status', f"**{self.status}**"), ('experiment', self.experiment_id),
-                ('started', fmt(self.start_time)), ('ended', fmt(self.end_time)), ('artifacts', f"`{self.artifact_uri}`")]
+        rows = [('run', f"`{self.run_id}` ({self.run_name})"), ('status', f"**{self.status}**"),
+                ('experiment', self.experiment_id), ('started', fmt(self.start_time)), ('ended', fmt(self.end_time)),
+                ('artifacts', f"`{self.artifact_uri}`")]
         if self.labels: rows.append(('labels', ', '.join(self.labels)))
         out = ['| | |', '|---|---|', *[f"| {k} | {v} |" for k, v in rows]]
         for title, d in (('metric', self.metrics), ('param', self.params)):
-            if d: out += ['', f'| {title} | value |', '|---|---|', *[f"| `{k}` | `{_short(v)}` |" for k, v in sorted(d.items())]]
+            if d: out += ['', f'| {title} | value |', '|---|---|',
+                          *[f"| `{k}` | `{_short(v)}` |" for k, v in sorted(d.items())]]
         return '\n'.join(out)
 
 def _short(v, n:int=80) -> str:
@@ -98,36 +98,8 @@ def _short(v, n:int=80) -> str:
     return (s[:n] + '…' if len(s) > n else s).replace('|', '\\|')
 
 # %% ../nbs/api/02_tracker.ipynb #381cbfb6
-class TrackerError(RuntimeError):
-    "The tracking server refused something for a reason that retrying will not fix"
-
-class TrackerPermissionError(TrackerError, PermissionError):
-    "The MLflow user may not do this (basic-auth READ permission, or not logged in)"
-
 class ParamConflictError(ValueError):
     "A param was logged again with a different value; MLflow params are immutable"
-
-_PERMANENT = {'PERMISSION_DENIED', 'UNAUTHENTICATED', 'INVALID_PARAMETER_VALUE', 'RESOURCE_DOES_NOT_EXIST',
-              'BAD_REQUEST', 'INVALID_STATE', 'RESOURCE_ALREADY_EXISTS'}
-
-def _is_permanent(e) -> bool:
-    if not isinstance(e, MlflowException): return False
-    return e.error_code in _PERMANENT or bool(re.search(r'error code (401|403|404)\b|\b(401|403)\b.*(Unauthori|Forbidden|[Pp]ermission)', str(e)))
-
-def kit_error(e:Exception, action:str, uri:str) -> Exception:
-    "A kit error for MLflow exception `e` met while doing `action`; it names the server without credentials"
-    user = os.environ.get('MLFLOW_TRACKING_USERNAME')
-    who = f"user {user!r}" if user else "an anonymous user"
-    text = str(e)
-    if re.search(r'PERMISSION_DENIED|403|[Pp]ermission denied', text) or getattr(e, 'error_code', '') == 'PERMISSION_DENIED':
-        return TrackerPermissionError(f"MLflow server {redact_uri(uri)} does not allow {who} to {action}: permission denied. "
-                                      "Ask an admin for EDIT (or MANAGE) permission on the experiment or model.")
-    if re.search(r'UNAUTHENTICATED|401|not authenticated|[Uu]nauthorized', text):
-        return TrackerPermissionError(f"MLflow server {redact_uri(uri)} rejected the credentials of {who} while trying to {action}: "
-                                      "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (in .env, never in settings.ini).")
-    pw = os.environ.get('MLFLOW_TRACKING_PASSWORD')
-    if pw: text = text.replace(pw, '***')
-    return TrackerError(f"MLflow refused to {action} ({getattr(e, 'error_code', type(e).__name__)}): {redact_uri(text)[:500]}")
 
 # %% ../nbs/api/02_tracker.ipynb #26e4fb00
 class MLflowTracker:
@@ -144,63 +116,50 @@ class MLflowTracker:
                  spool_dir:str|Path|None=None, # the offline spool; `<store_dir>/tracker_spool` when None
                  probe_timeout:float=1.0, # seconds to wait for the server's /health answer
                 ):
-        s = settings or load_settings(tracking_uri=tracking_uri, experiment_name=experiment_name, registry_uri=registry_uri)
-        if settings is not None and (tracking_uri or experiment_name or registry_uri):
-            from dataclasses import replace
-            s = replace(s, **{k: v for k, v in dict(tracking_uri=tracking_uri, experiment_name=experiment_name,
-                                                     registry_uri=registry_uri or (tracking_uri if tracking_uri else None)).items() if v})
+        given = dict(tracking_uri=tracking_uri, experiment_name=experiment_name, registry_uri=registry_uri)
+        s = settings or load_settings(**given)
+        if settings is not None and any(given.values()):
+            given['registry_uri'] = registry_uri or tracking_uri
+            s = replace(s, **{k: v for k, v in given.items() if v})
         self.settings, self.client = s, s.client()
         self.experiment_name, self.artifact_location = s.experiment_name, artifact_location
         self.experiment_tags, self.log_system_metrics = dict(experiment_tags or {}), log_system_metrics
-        self.max_queue, self.flush_interval, self.probe_timeout = max(1, max_queue), flush_interval, probe_timeout
         self.spool_dir = Path(spool_dir or Path(s.store_dir)/'tracker_spool')
-        self._buf, self._keys = deque(), set()
-        self._io, self._spool_lock = threading.RLock(), threading.Lock()
-        self._wake, self._stop = threading.Event(), threading.Event()
-        self._thread, self._errors, self._stack = None, [], []
-        self._params, self._ids, self._monitors, self._fluent = {}, {}, {}, set()
-        self._online, self._next_probe, self._experiment_id, self._artifacts = None, 0.0, None, None
-        self.stats = dict(sent=0, spooled=0, replayed=0, spills=0, rejected=0)
+        send = lambda step, run_id: self._send_step(step, run_id)  # defined further down
+        self.queue = RecordQueue(send, s.tracking_uri, self.spool_dir, max_queue, flush_interval, probe_timeout)
+        self._keys, self._stack, self._params, self._monitors, self._fluent = set(), [], {}, {}, set()
+        self._experiment_id, self._artifacts = None, None
         _TRACKERS.add(self)
 
     def __repr__(self):
-        state = {None: 'not yet contacted', True: 'online', False: 'offline'}[self._online]
-        return f"MLflowTracker({redact_uri(self.settings.tracking_uri)!r}, experiment={self.experiment_name!r}, {state}, run={self.run_id})"
+        state = {None: 'not yet contacted', True: 'online', False: 'offline'}[self.online]
+        uri = redact_uri(self.settings.tracking_uri)
+        return f"MLflowTracker({uri!r}, experiment={self.experiment_name!r}, {state}, run={self.run_id})"
 
 _TRACKERS = weakref.WeakSet()
 
 # %% ../nbs/api/02_tracker.ipynb #86cdd02a
 @patch(as_prop=True)
-def is_server(self:MLflowTracker) -> bool: return self.settings.tracking_uri.startswith(('http://', 'https://'))
+def is_server(self:MLflowTracker) -> bool: return self.queue.is_server
 
 @patch
 def probe(self:MLflowTracker) -> bool:
     "True if the tracking store answers now; remembered as `online`"
-    ok = True
-    if self.is_server:
-        try: ok = requests.get(self.settings.tracking_uri.rstrip('/') + '/health', timeout=self.probe_timeout).ok
-        except requests.RequestException: ok = False
-    if ok != self._online and self._online is not None:
-        log.warning("MLflow server %s is %s", redact_uri(self.settings.tracking_uri), 'back: replaying the spool' if ok else 'unreachable: spooling to ' + str(self.spool_dir))
-    self._online, self._next_probe = ok, time.monotonic() + 1.0
-    return ok
+    return self.queue.probe()
 
 @patch(as_prop=True)
 def online(self:MLflowTracker) -> bool|None:
     "True/False once the store was contacted; None before"
-    return self._online
+    return self.queue.online
 
-@contextlib.contextmanager
+@patch(as_prop=True)
+def stats(self:MLflowTracker) -> dict:
+    "Records sent, spooled, replayed and rejected, and how often the cap spilled the queue"
+    return self.queue.stats
+
 def _fast_fail():
     "Make MLflow's HTTP client give up at once (used only where the server is already known to be down)"
-    keys = {'MLFLOW_HTTP_REQUEST_MAX_RETRIES': '0', 'MLFLOW_HTTP_REQUEST_TIMEOUT': '2'}
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update(keys)
-    try: yield
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+    return env_override(MLFLOW_HTTP_REQUEST_MAX_RETRIES='0', MLFLOW_HTTP_REQUEST_TIMEOUT='2')
 
 # %% ../nbs/api/02_tracker.ipynb #ea0d0579
 @patch(as_prop=True)
@@ -210,260 +169,87 @@ def experiment_id(self:MLflowTracker) -> str:
         exp = self.client.get_experiment_by_name(self.experiment_name)
         if exp is not None and exp.lifecycle_stage == 'deleted':
             raise TrackerError(f"Experiment {self.experiment_name!r} ({exp.experiment_id}) is deleted: restore it with "
-                               f"MlflowClient().restore_experiment({exp.experiment_id!r}) or choose another experiment_name")
-        try: eid = exp.experiment_id if exp else get_or_create_experiment(self.settings, self.client, self.experiment_name,
-                                                                           self.experiment_tags or None, self.artifact_location)
-        except MlflowException as e: raise kit_error(e, f"create experiment {self.experiment_name!r}", self.settings.tracking_uri) from None
+                               f"MlflowClient().restore_experiment({exp.experiment_id!r}) or choose another name")
+        try: eid = exp.experiment_id if exp else get_or_create_experiment(
+                self.settings, self.client, self.experiment_name, self.experiment_tags or None, self.artifact_location)
+        except MlflowException as e:
+            raise kit_error(e, f"create experiment {self.experiment_name!r}", self.settings.tracking_uri) from None
         if exp is not None:
             for k, v in self.experiment_tags.items():
                 if exp.tags.get(k) != str(v): self.client.set_experiment_tag(eid, k, str(v))
         self._experiment_id = eid
     return self._experiment_id
 
-# %% ../nbs/api/02_tracker.ipynb #8f8dc91a
+# %% ../nbs/api/02_tracker.ipynb #7703555d
 @patch
-def _ensure_worker(self:MLflowTracker):
-    if self._thread is None or not self._thread.is_alive():
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._work, name='coronary-mlops-tracker', daemon=True)
-        self._thread.start()
+def _send_step(self:MLflowTracker, step, run_id:str|None):
+    "The queue's send function: one step of `record_queue.batches` into the store"
+    kind, rec = step[0], step[2]
+    if kind == 'create': return self._create_synced(step[1], rec[2])
+    if kind == 'batch':
+        self.client.log_batch(run_id, metrics=step[2], params=list(step[3].values()), tags=list(step[4].values()))
+    elif kind == 'end': self.client.set_terminated(run_id, rec[2], end_time=rec[3])
+    elif kind == 'text': self.client.log_text(run_id, rec[3], rec[2])
+    elif kind == 'a' and (src := Path(rec[2])).exists():
+        if src.is_file(): self.client.log_artifact(run_id, str(src), rec[3])
+        else: self.client.log_artifacts(run_id, str(src), rec[3])
 
+# %% ../nbs/api/02_tracker.ipynb #604e916d
 @patch
-def _work(self:MLflowTracker):
-    while not self._stop.is_set():
-        self._wake.wait(self.flush_interval); self._wake.clear()
-        try: self._cycle()
-        except Exception as e: log.warning("Tracker worker: %s", e)
+def _create_synced(self:MLflowTracker, local:str, spec:dict):
+    "Create offline run `local` in the store, record its id, and move its spooled epochs to it"
+    exp = self.client.get_experiment_by_name(spec['experiment'])
+    eid = exp.experiment_id if exp else get_or_create_experiment(self.settings, self.client, spec['experiment'])
+    tags = {**spec['tags'], 'mlflow.runName': spec['run_name'], TAG_OFFLINE_ID: local}
+    if spec.get('parent'): tags['mlflow.parentRunId'] = self.queue.ids.get(spec['parent'], spec['parent'])
+    run = self.client.create_run(eid, start_time=spec['start_time'], tags=tags, run_name=spec['run_name'])
+    self.queue.map_id(local, run.info.run_id)
+    self._params[run.info.run_id] = self._params.get(local, {})
+    n = move_spooled_run(Path(self.settings.store_dir)/'spool', local, run.info.run_id)
+    log.warning("Created run %s on the server for offline run %s%s", run.info.run_id, local,
+                f"; {n} spooled epochs moved to it" if n else '')
 
+# %% ../nbs/api/02_tracker.ipynb #9780c536
 @patch
-def _take(self:MLflowTracker) -> list:
-    out, buf = [], self._buf
-    for _ in range(len(buf)):
-        try: out.append(buf.popleft())
-        except IndexError: break
-    return out
-
-@patch
-def _cycle(self:MLflowTracker):
-    "Replay the spool, then send or spool what is queued"
-    with self._io:
-        if not self._buf and not self._spooled_segments(): return
-        # a server is asked first: MLflow's own client would retry a dead one for minutes
-        if (self._online and self.is_server) or (not self._online and time.monotonic() >= self._next_probe): self.probe()
-        if self._online and self._spooled_segments():
-            try: self._replay()
-            except ConnectionError: self._online = False
-        recs = self._take()
-        if not recs: return
-        if self._online and not self._spooled_segments():
-            try: self._send(recs); return
-            except _Unsent as u: recs = u.records; self._online = False; self._next_probe = time.monotonic() + 1.0
-        self._spool_write(recs); self.stats['spooled'] += len(recs)
-
-# %% ../nbs/api/02_tracker.ipynb #31b34e50
-class _Unsent(Exception):
-    def __init__(self, records): self.records = records
-
-def _batches(recs):
-    "Split records into ('batch', run, metrics, params, tags, records) and (kind, run, record) steps, in order"
-    cur = None
-    for r in recs:
-        run, kind = r[0], r[1]
-        if kind in ('m', 'p', 't'):
-            if cur is None or cur[1] != run or len(cur[2]) >= MAX_METRICS_PER_BATCH or len(cur[3]) + len(cur[4]) >= MAX_PARAMS_TAGS_PER_BATCH \
-               or (kind == 'p' and r[2] in cur[3]):
-                if cur: yield cur
-                cur = ['batch', run, [], {}, {}, []]
-            if kind == 'm': cur[2].append(Metric(r[2], r[3], r[5], r[4]))
-            elif kind == 'p': cur[3][r[2]] = Param(r[2], r[3])
-            else: cur[4][r[2]] = RunTag(r[2], r[3])  # the last value of a tag in one batch wins, as it would in order
-            cur[5].append(r)
-        else:
-            if cur: yield cur; cur = None
-            yield (kind, run, r)
-    if cur: yield cur
-
-# %% ../nbs/api/02_tracker.ipynb #c0dae5d0
-@patch
-def _send(self:MLflowTracker, recs:list, replay:bool=False):
-    "Send records in order; raise `_Unsent` with the rest on a transient failure"
-    steps = list(_batches(recs))
-    for i, step in enumerate(steps):
-        try: self._apply(step)
-        except Exception as e:
-            rest = [r for s in steps[i:] for r in (s[5] if s[0] == 'batch' else [s[2]])]
-            if _is_permanent(e) or isinstance(e, TrackerError):
-                n = len(step[5]) if step[0] == 'batch' else 1
-                self._reject(rest[:n], e); rest = rest[n:]
-                if rest: self._send(rest, replay)
-                return
-            raise _Unsent(rest) from e
-        n = len(step[5]) if step[0] == 'batch' else 1
-        self.stats['replayed' if replay else 'sent'] += n
-
-@patch
-def _apply(self:MLflowTracker, step):
-    kind, local = step[0], step[1]
-    if kind == 'create': return self._create_synced(local, step[2][2])
-    run_id = self._ids.get(local) or self._mapped(local)
-    if run_id is None: raise TrackerError(f"run {local} was never created on the server")
-    if kind == 'batch': self.client.log_batch(run_id, metrics=step[2], params=list(step[3].values()), tags=list(step[4].values()))
-    elif kind == 'end': self.client.set_terminated(run_id, step[2][2], end_time=step[2][3])
-    elif kind == 'text': self.client.log_text(run_id, step[2][3], step[2][2])
-    elif kind == 'a':
-        src = Path(step[2][2])
-        if src.exists():
-            self.client.log_artifact(run_id, str(src), step[2][3]) if src.is_file() else self.client.log_artifacts(run_id, str(src), step[2][3])
-
-@patch
-def _reject(self:MLflowTracker, recs, e):
-    d = self.spool_dir/'rejected'; d.mkdir(parents=True, exist_ok=True)
-    with open(d/f"{time.time_ns()}-{os.getpid()}.jsonl", 'w') as f:
-        for r in recs: f.write(json.dumps(list(r)) + '\n')
-    self.stats['rejected'] += len(recs)
-    self._errors.append(e if isinstance(e, TrackerError) else kit_error(e, f"log to run {self._ids.get(recs[0][0], recs[0][0])}", self.settings.tracking_uri))
-
-@patch
-def _flush_errors(self:MLflowTracker):
-    if self._errors:
-        errs, self._errors = self._errors, []
-        raise errs[0]
-
-# %% ../nbs/api/02_tracker.ipynb #882f01c1
-@patch
-def _spool_write(self:MLflowTracker, recs:list):
-    by_run = {}
-    for r in recs: by_run.setdefault(r[0], []).append(r)
-    with self._spool_lock:
-        for run, rs in by_run.items():
-            d = self.spool_dir/run; d.mkdir(parents=True, exist_ok=True)
-            name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
-            rs = [self._stage_file(r, d) if r[1] == 'a' else r for r in rs]
-            tmp = d/f".{name}.tmp"
-            with open(tmp, 'w') as f:
-                for r in rs: f.write(json.dumps(list(r), allow_nan=True) + '\n')
-                f.flush(); os.fsync(f.fileno())
-            os.replace(tmp, d/name)
-
-@patch
-def _stage_file(self:MLflowTracker, r, d:Path):
-    "Copy a file or folder an artifact record points at into the spool, so later edits cannot change it"
-    src = Path(r[2])
-    if d in src.parents: return r
-    dst = d/'files'/uuid.uuid4().hex/src.name
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
-    return (r[0], 'a', str(dst), r[3], r[4])
-
-@patch
-def _spill(self:MLflowTracker):
-    "The cap: move the whole queue to the spool in one write"
-    recs = self._take()
-    if recs: self._spool_write(recs); self.stats['spills'] += 1; self.stats['spooled'] += len(recs); self._wake.set()
-
-@patch
-def _spooled_segments(self:MLflowTracker, run:str|None=None) -> list[Path]:
-    "Spool segments waiting to be replayed, oldest first"
-    if not self.spool_dir.exists(): return []
-    dirs = [self.spool_dir/run] if run else [d for d in self.spool_dir.iterdir() if d.is_dir() and d.name != 'rejected']
-    return sorted((f for d in dirs for f in d.glob('*.jsonl')), key=lambda f: f.name)
+def flush(self:MLflowTracker, timeout:float|None=None, raise_errors:bool=True) -> bool:
+    "Send what is queued now; True when nothing is left in memory or in the spool"
+    done = self.queue.flush(timeout)
+    if raise_errors: self.queue.raise_errors()
+    return done
 
 @patch(as_prop=True)
 def pending(self:MLflowTracker) -> int:
     "Records not yet in the store: queued in memory plus spooled on disk"
-    n = len(self._buf)
-    for f in self._spooled_segments():
-        with open(f) as fh: n += sum(1 for _ in fh)
-    return n
-
-@patch
-def _replay(self:MLflowTracker):
-    "Send spooled segments in order, deleting each once it is in the store; ConnectionError if the store fails"
-    while segs := self._spooled_segments():
-        seg = segs[0]
-        recs = [tuple(json.loads(l)) for l in seg.read_text().splitlines() if l.strip()]
-        try: self._send(recs, replay=True)
-        except _Unsent as u:
-            with self._spool_lock:  # keep only what did not go through, under the segment's own name
-                tmp = seg.with_name(f".{seg.name}.tmp")
-                tmp.write_text(''.join(json.dumps(list(r)) + '\n' for r in u.records)); os.replace(tmp, seg)
-            raise ConnectionError(f"store unreachable while replaying {seg}") from u.__cause__
-        seg.unlink()
-        d = seg.parent
-        if not any(d.glob('*.jsonl')) and not (d/'run_id').exists(): shutil.rmtree(d/'files', ignore_errors=True)
-
-# %% ../nbs/api/02_tracker.ipynb #8879a4ec
-@patch
-def _mapped(self:MLflowTracker, local:str) -> str|None:
-    if not local.startswith('offline-'): return local
-    f = self.spool_dir/local/'run_id'
-    if f.exists(): self._ids[local] = f.read_text().strip()
-    return self._ids.get(local)
-
-@patch
-def _create_synced(self:MLflowTracker, local:str, spec:dict):
-    if self._mapped(local): return
-    exp = self.client.get_experiment_by_name(spec['experiment'])
-    eid = exp.experiment_id if exp else get_or_create_experiment(self.settings, self.client, spec['experiment'])
-    tags = {**spec['tags'], 'mlflow.runName': spec['run_name'], 'coronary_mlops.offline_id': local}
-    if spec.get('parent'): tags['mlflow.parentRunId'] = self._ids.get(spec['parent'], spec['parent'])
-    run = self.client.create_run(eid, start_time=spec['start_time'], tags=tags, run_name=spec['run_name'])
-    f = self.spool_dir/local/'run_id'; f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name('.run_id.tmp'); tmp.write_text(run.info.run_id); os.replace(tmp, f)
-    self._ids[local] = run.info.run_id
-    self._params[run.info.run_id] = self._params.get(local, {})
-    n = _move_artifact_spool(Path(self.settings.store_dir)/'spool', local, run.info.run_id)
-    log.warning("Created run %s on the server for offline run %s%s", run.info.run_id, local, f"; {n} spooled epochs moved to it" if n else '')
-
-def _move_artifact_spool(spool:Path, old:str, new:str) -> int:
-    "Point the artifact manager's spooled epochs of run `old` at run `new`"
-    n = 0
-    for d in sorted(spool.glob(f"{old}-*")):
-        job = d/'job.json'
-        if not job.exists(): continue
-        spec = json.loads(job.read_text()); spec['run_id'] = new
-        job.write_text(json.dumps(spec)); d.rename(d.with_name(new + d.name[len(old):])); n += 1
-    return n
-
-# %% ../nbs/api/02_tracker.ipynb #9a410101
-@patch
-def flush(self:MLflowTracker, timeout:float|None=None, raise_errors:bool=True) -> bool:
-    "Send what is queued now; True when nothing is left in memory or in the spool"
-    if not self._io.acquire(timeout=-1 if timeout is None else timeout): return False
-    try:
-        if not self._online: self._next_probe = 0
-        self._cycle()
-        done = not self._buf and not self._spooled_segments()
-    finally: self._io.release()
-    if raise_errors: self._flush_errors()
-    return done
+    return self.queue.pending
 
 @patch
 def sync(self:MLflowTracker) -> dict:
     "Replay everything spooled (metrics, params, tags, statuses, offline runs, artifact epochs); raise if unreachable"
-    if not self.probe(): raise ConnectionError(f"MLflow server {redact_uri(self.settings.tracking_uri)} is still unreachable; {self.pending} records wait in {self.spool_dir}")
+    if not self.probe():
+        raise ConnectionError(f"MLflow server {redact_uri(self.settings.tracking_uri)} is still unreachable; "
+                              f"{self.pending} records wait in {self.spool_dir}")
     before = self.stats['replayed']
-    with self._io:
-        self._replay(); self._cycle()
+    with self.queue.io: self.queue.replay(); self.queue.cycle()
     epochs = 0
     if self._artifacts is not None or (Path(self.settings.store_dir)/'spool').exists():
         epochs = self.artifacts.replay_spool()
-    self._flush_errors()
+    self.queue.raise_errors()
     return dict(records=self.stats['replayed'] - before, epochs=epochs, pending=self.pending)
 
+# %% ../nbs/api/02_tracker.ipynb #95590213
 @patch
 def close(self:MLflowTracker, status:str='FINISHED'):
     "End open runs, flush, and stop the worker (also run at interpreter exit)"
     while self._stack: self.end_run(status, raise_errors=False)
     self.flush(timeout=60, raise_errors=False)
-    self._stop.set(); self._wake.set()
-    if self._thread is not None: self._thread.join(timeout=10)
+    self.queue.stop()
     if self._artifacts is not None: self._artifacts.close(raise_errors=False)
 
 @patch
 def __enter__(self:MLflowTracker): return self
 @patch
-def __exit__(self:MLflowTracker, typ, *exc): self.close('FINISHED' if typ is None else 'KILLED' if issubclass(typ, KeyboardInterrupt) else 'FAILED')
+def __exit__(self:MLflowTracker, typ, *exc):
+    self.close('FINISHED' if typ is None else 'KILLED' if issubclass(typ, KeyboardInterrupt) else 'FAILED')
 
 def _close_trackers():
     for t in list(_TRACKERS):
@@ -475,7 +261,7 @@ class TrackedRun:
     "A run started by `MLflowTracker.start_run`; a context manager that ends the run with the right status"
     def __init__(self, tracker, run_id): self.tracker, self.local_id = tracker, run_id
     @property
-    def run_id(self) -> str: return self.tracker._ids.get(self.local_id, self.local_id)
+    def run_id(self) -> str: return self.tracker.queue.ids.get(self.local_id, self.local_id)
     @property
     def info(self) -> RunInfo: return self.tracker.get_run_info(self.run_id)
     def __enter__(self): return self
@@ -490,26 +276,17 @@ class TrackedRun:
 @patch(as_prop=True)
 def run_id(self:MLflowTracker) -> str|None:
     "The innermost run this tracker started and has not ended (its server id once synced)"
-    return self._ids.get(self._stack[-1], self._stack[-1]) if self._stack else None
+    return self.queue.ids.get(self._stack[-1], self._stack[-1]) if self._stack else None
 
 # %% ../nbs/api/02_tracker.ipynb #4e65835d
 @patch
-def start_run(self:MLflowTracker, run_name:str|None=None, tags:Mapping|None=None, nested:bool=False,
-              resume_run_id:str|None=None, description:str|None=None) -> TrackedRun:
-    "Start (or resume) a run; use the result as a context manager or call `end_run` yourself"
-    if self._stack and not nested and resume_run_id is None:
-        raise ValueError(f"Run {self.run_id} is still active: end it first, or pass nested=True for a child run")
-    tags = {k: str(v) for k, v in redact({**(tags or {}), **({'mlflow.note.content': description} if description else {})}).items()}
-    for k in tags: check_key(k, 'tag')
-    parent = self.run_id if nested else None
-    if not self.probe():
-        if resume_run_id: raise ConnectionError(f"Cannot resume run {resume_run_id}: MLflow server {redact_uri(self.settings.tracking_uri)} is unreachable")
-        return self._start_offline(run_name, tags, parent)
-    self._flush_errors()
+def _open_run(self:MLflowTracker, run_name, tags:dict, parent, resume_run_id) -> tuple:
+    "(MLflow run, run id) of a new run, or of `resume_run_id` set RUNNING again"
     try:
         if resume_run_id:
             run = self.client.get_run(resume_run_id)
-            if run.info.lifecycle_stage == 'deleted': raise TrackerError(f"Run {resume_run_id} is deleted; restore it before resuming")
+            if run.info.lifecycle_stage == 'deleted':
+                raise TrackerError(f"Run {resume_run_id} is deleted; restore it before resuming")
             self.client.update_run(resume_run_id, status='RUNNING')
             run_id = resume_run_id
             self._params[run_id] = dict(run.data.params)
@@ -519,15 +296,41 @@ def start_run(self:MLflowTracker, run_name:str|None=None, tags:Mapping|None=None
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=t)
             run_id = run.info.run_id
             self._params[run_id] = {}
+        return run, run_id
     except MlflowException as e:
-        if not _is_permanent(e): raise
-        raise kit_error(e, f"{'resume run ' + resume_run_id if resume_run_id else 'start a run in experiment ' + repr(self.experiment_name)}",
-                        self.settings.tracking_uri) from None
+        if not is_permanent(e): raise
+        action = f"start a run in experiment {self.experiment_name!r}"
+        if resume_run_id: action = f"resume run {resume_run_id}"
+        raise kit_error(e, action, self.settings.tracking_uri) from None
+
+# %% ../nbs/api/02_tracker.ipynb #1030a2e3
+@patch
+def start_run(self:MLflowTracker, run_name:str|None=None, # the run's name; MLflow picks one when None
+              tags:Mapping|None=None, # tags set on the run (secret-named ones redacted)
+              nested:bool=False, # start a child of the current run
+              resume_run_id:str|None=None, # continue this run instead of starting one
+              description:str|None=None, # the run's description (markdown)
+             ) -> TrackedRun:
+    "Start (or resume) a run; use the result as a context manager or call `end_run` yourself"
+    if self._stack and not nested and resume_run_id is None:
+        raise ValueError(f"Run {self.run_id} is still active: end it first, or pass nested=True for a child run")
+    note = {'mlflow.note.content': description} if description else {}
+    tags = {k: str(v) for k, v in redact({**(tags or {}), **note}).items()}
+    for k in tags: check_key(k, 'tag')
+    parent = self.run_id if nested else None
+    if not self.probe():
+        if resume_run_id:
+            raise ConnectionError(f"Cannot resume run {resume_run_id}: "
+                                  f"MLflow server {redact_uri(self.settings.tracking_uri)} is unreachable")
+        return self._start_offline(run_name, tags, parent)
+    self.queue.raise_errors()
+    run, run_id = self._open_run(run_name, tags, parent, resume_run_id)
     self._stack.append(run_id)
     self._activate(run_id, run.info.experiment_id, nested=bool(parent))
-    self._ensure_worker()
+    self.queue.start()
     return TrackedRun(self, run_id)
 
+# %% ../nbs/api/02_tracker.ipynb #32685948
 @patch
 def _activate(self:MLflowTracker, run_id:str, experiment_id:str, nested:bool=False):
     "Make `run_id` MLflow's active run (for `mlflow.*` calls) and start MLflow's system-metrics monitor if asked"
@@ -537,82 +340,94 @@ def _activate(self:MLflowTracker, run_id:str, experiment_id:str, nested:bool=Fal
     # a fluent run the user started themselves is left alone; ours are stacked like MLflow's nested runs
     if active is None or (nested and active.info.run_id in self._fluent):
         try:
-            if active is None: mlflow.set_experiment(experiment_id=experiment_id)  # MLflow refuses a run of another experiment
+            # MLflow refuses an active run of another experiment than its active one
+            if active is None: mlflow.set_experiment(experiment_id=experiment_id)
             mlflow.start_run(run_id=run_id, nested=active is not None); self._fluent.add(run_id)
-        except MlflowException as e: log.warning("Run %s is not MLflow's active run (%s); the tracker logs to it all the same", run_id, e)
+        except MlflowException as e:
+            log.warning("Run %s is not MLflow's active run (%s); the tracker logs to it all the same", run_id, e)
     if self.log_system_metrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         m = SystemMetricsMonitor(run_id, sampling_interval=1, samples_before_logging=1, resume_logging=True,
                                  tracking_uri=self.settings.tracking_uri)
         m.start(); self._monitors[run_id] = m
 
+# %% ../nbs/api/02_tracker.ipynb #a4d87c1c
 @patch
 def _start_offline(self:MLflowTracker, run_name, tags, parent) -> TrackedRun:
     "A local run id whose creation is spooled; `sync()` creates it on the server"
     run_id = f"offline-{uuid.uuid4().hex}"
     rec = ('create', dict(experiment=self.experiment_name, run_name=run_name or run_id[:16], tags=tags,
                           parent=parent, start_time=int(time.time() * 1000)))
-    self._spool_write([(run_id, *rec)])
+    self.queue.spool_write([(run_id, *rec)])
     self._params[run_id] = {}
-    self._stack.append(run_id); self._ensure_worker()
+    self._stack.append(run_id); self.queue.start()
     log.warning("MLflow server %s is unreachable: run %s is logged to %s and created on the server by sync()",
                 redact_uri(self.settings.tracking_uri), run_id, self.spool_dir)
     return TrackedRun(self, run_id)
 
 # %% ../nbs/api/02_tracker.ipynb #dcadfe8f
 @patch
-def end_run(self:MLflowTracker, status:str='FINISHED', run_id:str|None=None, reason:str|None=None,
-            raise_errors:bool=True, timeout:float|None=60) -> bool:
+def end_run(self:MLflowTracker, status:str='FINISHED', # FINISHED, FAILED or KILLED
+            run_id:str|None=None, # the run; the innermost open one when None
+            reason:str|None=None, # why it ended, stored (redacted) in the end-reason tag
+            raise_errors:bool=True, # raise an error a send met, after ending the run
+            timeout:float|None=60, # seconds to wait for the last records to go out
+           ) -> bool:
     "End a run (the innermost by default) as FINISHED, FAILED or KILLED; True if the store has everything"
     status = status.upper()
-    if status not in ('FINISHED', 'FAILED', 'KILLED'): raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
-    local = run_id if run_id in self._stack else next((l for l in self._stack if self._ids.get(l) == run_id), run_id or (self._stack[-1] if self._stack else None))
+    if status not in ('FINISHED', 'FAILED', 'KILLED'):
+        raise ValueError(f"status must be FINISHED, FAILED or KILLED, got {status!r}")
+    innermost = self._stack[-1] if self._stack else None
+    local = run_id if run_id in self._stack else next((l for l in self._stack if self.queue.ids.get(l) == run_id),
+                                                      run_id or innermost)
     if local is None: raise ValueError("No active run to end")
     while self._stack and local in self._stack:  # ending a parent ends its unfinished children first
         child = self._stack[-1]
         if child != local: self.end_run(status, run_id=child, raise_errors=False, timeout=timeout)
         else: break
     if local in self._stack: self._stack.remove(local)
-    real = self._ids.get(local, local)
+    real = self.queue.ids.get(local, local)
     if m := self._monitors.pop(real, None) or self._monitors.pop(local, None):
         with contextlib.suppress(Exception): m.finish()
-    if reason: self._buf.append((local, 't', 'coronary_mlops.end_reason', reason, time.time_ns()))
-    self._buf.append((local, 'end', status, int(time.time() * 1000)))
+    if reason: self.queue.push((local, 't', TAG_END_REASON, reason, time.time_ns()))
+    self.queue.push((local, 'end', status, int(time.time() * 1000)))
     done = self.flush(timeout=timeout, raise_errors=False)
     if real in self._fluent or local in self._fluent:
         self._fluent.discard(real); self._fluent.discard(local)
         active = mlflow.active_run()
         if active is not None and active.info.run_id == real:
             # the status itself was sent above; MLflow's end_run only has to pop its stack (and fail fast if offline)
-            ctx = contextlib.nullcontext() if self._online else _fast_fail()
+            ctx = contextlib.nullcontext() if self.queue.online else _fast_fail()
             with ctx, contextlib.suppress(Exception): mlflow.end_run(status)
-    if not done: log.warning("Run %s ended %s while the server is unreachable; its last records are in %s. Call sync() later.", real, status, self.spool_dir)
-    if raise_errors: self._flush_errors()
+    if not done: log.warning("Run %s ended %s while the server is unreachable; its last records are in %s. "
+                             "Call sync() later.", real, status, self.spool_dir)
+    if raise_errors: self.queue.raise_errors()
     return done
 
 # %% ../nbs/api/02_tracker.ipynb #cef7ec41
 @patch
 def _target(self:MLflowTracker, run_id:str|None) -> str:
-    if run_id is not None: return next((l for l, r in self._ids.items() if r == run_id), run_id)
+    if run_id is not None: return next((l for l, r in self.queue.ids.items() if r == run_id), run_id)
     if not self._stack: raise ValueError("No active run: call tracker.start_run() first, or pass run_id=...")
     return self._stack[-1]
 
 @patch
-def _push(self:MLflowTracker, rec):
-    self._buf.append(rec)
-    if len(self._buf) >= self.max_queue: self._spill()
-    elif len(self._buf) % MAX_METRICS_PER_BATCH == 0: self._wake.set()
-
-@patch
-def log_metric(self:MLflowTracker, key:str, value, step:int|None=None, run_id:str|None=None, timestamp_ms:int|None=None):
+def log_metric(self:MLflowTracker, key:str, # the metric name (MLflow's key rule, checked here)
+               value, # a number: float, int, NumPy scalar or one-element tensor
+               step:int|None=None, # the step; 0 when None
+               run_id:str|None=None, # the run; the current one when None
+               timestamp_ms:int|None=None, # when it was measured; now when None
+              ):
     "Queue one metric point; returns at once"
-    if self._errors: self._flush_errors()
+    if self.queue.errors: self.queue.raise_errors()
     if key not in self._keys: self._keys.add(check_key(key, 'metric'))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try: value = float(value)
-        except (TypeError, ValueError): raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__} {value!r}") from None
+        except (TypeError, ValueError):
+            raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__} {value!r}") from None
     target = self._stack[-1] if run_id is None and self._stack else self._target(run_id)
-    self._push((target, 'm', key, float(value), int(step or 0), timestamp_ms or time.time_ns() // 1_000_000))
+    ts = timestamp_ms or time.time_ns() // 1_000_000
+    self.queue.push((target, 'm', key, float(value), int(step or 0), ts))
 
 @patch
 def log_metrics(self:MLflowTracker, metrics:Mapping, step:int|None=None, run_id:str|None=None):
@@ -637,12 +452,15 @@ def log_params(self:MLflowTracker, params:Mapping, run_id:str|None=None) -> dict
             f, ref = _ref('params', k, v); new[k] = (ref, (f, v))
         else: new[k] = (v, None)
         if k in known and known[k] != new[k][0]:
-            raise ParamConflictError(f"param {k!r} of run {self._ids.get(target, target)} is already {_short(known[k], 60)!r}; refusing to change it "
-                                     f"to {_short(new[k][0], 60)!r}. MLflow params are immutable: start a new run, or log the value as a metric or tag.")
+            run = self.queue.ids.get(target, target)
+            raise ParamConflictError(
+                f"param {k!r} of run {run} is already {_short(known[k], 60)!r}; refusing to change it to "
+                f"{_short(new[k][0], 60)!r}. MLflow params are immutable: start a new run, or log it as a metric "
+                "or tag.")
     for k, (v, art) in new.items():
         if k in known: continue
-        if art: self._push((target, 'text', art[0], art[1], ns))
-        self._push((target, 'p', k, v, ns)); known[k] = v
+        if art: self.queue.push((target, 'text', art[0], art[1], ns))
+        self.queue.push((target, 'p', k, v, ns)); known[k] = v
     return {k: v for k, (v, _) in new.items()}
 
 @patch
@@ -650,6 +468,7 @@ def log_param(self:MLflowTracker, key:str, value, run_id:str|None=None) -> str:
     "Log one param (see `log_params`)"
     return self.log_params({key: value}, run_id)[key]
 
+# %% ../nbs/api/02_tracker.ipynb #c62475f3
 @patch
 def set_tags(self:MLflowTracker, tags:Mapping, run_id:str|None=None):
     "Queue tags (upserts); secret-named ones are redacted and long values go to `tags/<key>.txt`"
@@ -657,8 +476,8 @@ def set_tags(self:MLflowTracker, tags:Mapping, run_id:str|None=None):
     for k, v in redact({str(k): str(v) for k, v in tags.items()}).items():
         check_key(k, 'tag')
         if len(v) > MAX_TAG_VAL_LENGTH:
-            f, ref = _ref('tags', k, v); self._push((target, 'text', f, v, ns)); v = ref
-        self._push((target, 't', k, v, ns))
+            f, ref = _ref('tags', k, v); self.queue.push((target, 'text', f, v, ns)); v = ref
+        self.queue.push((target, 't', k, v, ns))
 
 @patch
 def set_tag(self:MLflowTracker, key:str, value, run_id:str|None=None): self.set_tags({key: value}, run_id)
@@ -671,14 +490,16 @@ def log_artifact(self:MLflowTracker, local_path, artifact_path:str|None=None, ru
     if not src.exists(): raise FileNotFoundError(f"log_artifact: {str(src)!r} does not exist")
     if artifact_path is not None: check_name(artifact_path, 'artifact_path')
     target = self._target(run_id)
-    real = self._ids.get(target) or self._mapped(target)
-    if real and not real.startswith('offline-') and (self._online or self.probe()):
+    real = self.queue.ids.get(target) or self.queue.resolve(target)
+    if real and not real.startswith('offline-') and (self.queue.online or self.probe()):
         try:
-            return self.client.log_artifacts(real, str(src), artifact_path) if src.is_dir() else self.client.log_artifact(real, str(src), artifact_path)
+            if src.is_dir(): return self.client.log_artifacts(real, str(src), artifact_path)
+            return self.client.log_artifact(real, str(src), artifact_path)
         except MlflowException as e:
-            if _is_permanent(e): raise kit_error(e, f"upload {src.name} to run {real}", self.settings.tracking_uri) from None
+            if is_permanent(e):
+                raise kit_error(e, f"upload {src.name} to run {real}", self.settings.tracking_uri) from None
         except (OSError, requests.RequestException): pass
-    self._spool_write([(target, 'a', str(src), artifact_path, time.time_ns())])
+    self.queue.spool_write([(target, 'a', str(src), artifact_path, time.time_ns())])
     log.warning("Spooled %s for run %s: the store is unreachable", src, target)
 
 @patch
@@ -694,11 +515,18 @@ def artifacts(self:MLflowTracker) -> MLflowArtifactManager:
     return self._artifacts
 
 @patch
-def log_epoch(self:MLflowTracker, epoch:int, model_state=None, metrics:Mapping|None=None, artifacts:Mapping|None=None,
-              metadata:Mapping|None=None, run_id:str|None=None, **kw) -> dict:
+def log_epoch(self:MLflowTracker, epoch:int, # the epoch number; folders are named epoch_NNN
+              model_state=None, # an nn.Module or state dict, saved by the checkpoint policy
+              metrics:Mapping|None=None, # {name: number}, logged at step=epoch and as JSON
+              artifacts:Mapping|None=None, # {type: path | [paths] | folder | Figure | dict}
+              metadata:Mapping|None=None, # training context; `hyperparameters` and `seed` are recognised
+              run_id:str|None=None, # the run; the current one when None
+              **kw, # `is_best`, passed to `MLflowArtifactManager.log_epoch`
+             ) -> dict:
     "File one epoch in the current run through `artifacts` (see `MLflowArtifactManager.log_epoch`)"
     target = self._target(run_id)
-    return self.artifacts.log_epoch(epoch, model_state, metrics, artifacts, metadata, run_id=self._ids.get(target, target), **kw)
+    run_id = self.queue.ids.get(target, target)
+    return self.artifacts.log_epoch(epoch, model_state, metrics, artifacts, metadata, run_id=run_id, **kw)
 
 # %% ../nbs/api/02_tracker.ipynb #163c2ac4
 @patch
@@ -706,34 +534,47 @@ def get_run_info(self:MLflowTracker, run_id:str|None=None) -> RunInfo:
     "The run's status, times, params, latest metrics, tags and artifact URI (the current run when None)"
     run_id = run_id or self.run_id
     if run_id is None: raise ValueError("get_run_info: pass a run_id (no run is active)")
-    run_id = self._ids.get(run_id) or self._mapped(run_id) or run_id
+    run_id = self.queue.ids.get(run_id) or self.queue.resolve(run_id) or run_id
     if run_id.startswith('offline-'): raise ConnectionError(f"Run {run_id} exists only in the local spool until sync()")
     return RunInfo.from_run(self.client.get_run(run_id))
 
 @patch
-def _experiment_ids(self:MLflowTracker, experiment=None) -> list[str]:
+def experiment_ids(self:MLflowTracker, experiment=None) -> list[str]:
+    "Ids of `experiment`: a name, an id, or a list of them; this tracker's experiment when None"
     if experiment is None: return [self.experiment_id]
     out = []
     for e in ([experiment] if isinstance(experiment, (str, int)) else experiment):
         exp = self.client.get_experiment_by_name(str(e))
         if exp is None and str(e).isdigit():
             with contextlib.suppress(MlflowException): exp = self.client.get_experiment(str(e))
-        if exp is None: raise ValueError(f"No experiment named (or with id) {e!r} in {redact_uri(self.settings.tracking_uri)}")
+        if exp is None:
+            raise ValueError(f"No experiment named (or with id) {e!r} in {redact_uri(self.settings.tracking_uri)}")
         out.append(exp.experiment_id)
     return out
 
+# %% ../nbs/api/02_tracker.ipynb #ebbddd37
 @patch
-def search_runs(self:MLflowTracker, experiment=None, filter:str='', order_by:Sequence[str]|None=None,
-                max_results:int=1000, status:str|None=None, include_deleted:bool=False) -> list[RunInfo]:
+def search_runs(self:MLflowTracker, experiment=None, # name, id or a list of them; this tracker's when None
+                filter:str='', # an MLflow filter string, e.g. "metrics.val_dice > 0.8"
+                order_by:Sequence[str]|None=None, # MLflow order clauses; newest first when None
+                max_results:int=1000, # at most this many runs
+                status:str|None=None, # only runs of this status (FINISHED, FAILED, …)
+                include_deleted:bool=False, # deleted runs too
+               ) -> list[RunInfo]:
     "Runs of `experiment` (name, id or a list; this tracker's when None) matching an MLflow filter string"
     f = ' and '.join(x for x in (filter, f"attributes.status = '{status.upper()}'" if status else '') if x)
-    runs = self.client.search_runs(self._experiment_ids(experiment), f, ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY,
-                                   max_results, list(order_by or ['attributes.start_time DESC']))
+    view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
+    runs = self.client.search_runs(self.experiment_ids(experiment), f, view, max_results,
+                                   list(order_by or ['attributes.start_time DESC']))
     return [RunInfo.from_run(r) for r in runs]
 
 @patch
-def get_best_run(self:MLflowTracker, metric:str, mode:str='min', experiment=None, filter:str='',
-                 finished_only:bool=True) -> RunInfo|None:
+def get_best_run(self:MLflowTracker, metric:str, # the metric to rank by (its latest value)
+                 mode:str='min', # 'min' or 'max'
+                 experiment=None, # name, id or a list of them; this tracker's when None
+                 filter:str='', # an MLflow filter string
+                 finished_only:bool=True, # only FINISHED runs count
+                ) -> RunInfo|None:
     "The run with the lowest (`mode='min'`) or highest (`'max'`) latest value of `metric`, or None"
     if mode not in ('min', 'max'): raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     check_key(metric)

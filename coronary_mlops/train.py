@@ -1,4 +1,4 @@
-"""A MONAI 3D U-Net training loop for coronary segmentation, tracked step by step in MLflow, with per-epoch artifacts, early stopping, resume, and a registered, ONNX-exported final model
+"""A MONAI 3D U-Net loop for coronary segmentation, tracked in MLflow, with early stopping, resume and model registry
 
 Docs: https://coronary-mlops.github.io/coronary_mlops/api/train.html.md"""
 
@@ -6,9 +6,9 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/train.html.md"""
 
 # %% ../nbs/api/05_train.ipynb #387a2e2b
 from __future__ import annotations
-import contextlib, json, math, os, shutil, tempfile, time, warnings
+import json, math, os, shutil, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, asdict, field, fields, replace
+from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 import matplotlib, matplotlib.image
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
-import mlflow
+from fastcore.basics import patch
 from monai.data import DataLoader, decollate_batch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
@@ -25,43 +25,64 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.nets import UNet
 from monai.transforms import AsDiscrete
 from monai.utils import set_determinism
+from torch.utils.data.distributed import DistributedSampler
 from .config import Settings, load_settings
-from .artifacts import load_checkpoint, snapshot_state, _quiet_export
+from .layout import TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_TASK
+from .storage import snapshot_state
 from .tracker import MLflowTracker
-from .data import DataError, datasets, discover, find_cause, generate_phantoms, PhantomConfig
+from .data import datasets, discover, find_cause, generate_phantoms, PhantomConfig
 from . import registry
 
 # %% auto #0
 __all__ = ['CURVES_BUDGET', 'TrainConfig', 'build_model', 'cldice', 'curves_figure', 'overlay_image', 'save_png', 'pick_device',
-           'amp_dtype', 'TrainingOOMError', 'oom_hint', 'dist_info', 'evaluate', 'TrainResult', 'train']
+           'amp_dtype', 'TrainingOOMError', 'oom_hint', 'dist_info', 'DistContext', 'setup_process', 'evaluate',
+           'TrainResult', 'make_datasets', 'Loaders', 'make_loaders', 'TrainParts', 'build_parts', 'train_epoch',
+           'validate', 'EarlyStopping', 'EpochFiler', 'train']
 
 # %% ../nbs/api/05_train.ipynb #0cbf7d91
 @dataclass
 class TrainConfig:
     "Hyperparameters of a training run; all of them are logged as params"
-    epochs:int = 30; batch_size:int = 2; learning_rate:float = 3e-3; weight_decay:float = 1e-5; seed:int = 42
-    roi_size:tuple = (48, 48, 48); pixdim:tuple = (0.8, 0.8, 0.8)
-    channels:tuple = (16, 32, 64, 128); strides:tuple = (2, 2, 2); num_res_units:int = 1
-    samples_per_case:int = 4; val_interval:int = 1; patience:int = 10; min_delta:float = 1e-4
-    num_workers:int = 0; cache:bool = True; amp:bool = True; sw_batch_size:int = 2; overlap:float = 0.25
-    fractions:tuple = (0.7, 0.15, 0.15)
-
-    @classmethod
-    def from_settings(cls, settings:Settings|None=None, **overrides) -> TrainConfig:
-        "Defaults from `settings.ini` `[training]`, then `overrides` (None means not set)"
-        s = settings or load_settings()
-        base = dict(epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate, seed=s.seed,
-                    num_workers=s.num_workers, val_interval=s.val_interval, roi_size=tuple(s.roi_size))
-        bad = set(overrides) - {f.name for f in fields(cls)}
-        if bad: raise TypeError(f"Unknown training options {sorted(bad)}; known: {[f.name for f in fields(cls)]}")
-        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+    epochs:int = 30                     # passes over the training cases
+    batch_size:int = 2                  # cases per optimiser step; each gives `samples_per_case` patches
+    learning_rate:float = 3e-3          # AdamW's learning rate at the start of the cosine schedule
+    weight_decay:float = 1e-5           # AdamW's weight decay
+    seed:int = 42                       # seeds the split, the phantoms, the weights and the random patches
+    roi_size:tuple = (48, 48, 48)       # patch size in voxels, for training and for the sliding window
+    pixdim:tuple = (0.8, 0.8, 0.8)      # voxel spacing (mm) every volume is resampled to
+    channels:tuple = (16, 32, 64, 128)  # U-Net feature channels, one per level
+    strides:tuple = (2, 2, 2)           # U-Net downsampling between levels
+    num_res_units:int = 1               # residual units per U-Net block
+    samples_per_case:int = 4            # random patches cropped from each training case per epoch
+    val_interval:int = 1                # validate every this many epochs
+    patience:int = 10                   # stop after this many validations without a val_dice gain
+    min_delta:float = 1e-4              # the smallest val_dice gain that counts as one
+    num_workers:int = 0                 # worker processes for loading and caching
+    cache:bool = True                   # cache the deterministic transforms (MONAI's CacheDataset)
+    amp:bool = True                     # mixed precision on CUDA (bf16 where supported, else fp16)
+    sw_batch_size:int = 2               # windows per forward pass of sliding-window inference
+    overlap:float = 0.25                # overlap of neighbouring sliding windows
+    fractions:tuple = (0.7, 0.15, 0.15) # train, validation and test shares of the cases
 
     def __post_init__(self):
         for k in ('epochs', 'batch_size', 'samples_per_case', 'val_interval', 'patience'):
             if getattr(self, k) < 1: raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
-        if len(self.roi_size) != 3 or min(self.roi_size) < 8: raise ValueError(f"roi_size must be three sizes of at least 8, got {self.roi_size}")
+        if len(self.roi_size) != 3 or min(self.roi_size) < 8:
+            raise ValueError(f"roi_size must be three sizes of at least 8, got {self.roi_size}")
         div = 2 ** len(self.strides)
-        if any(r % div for r in self.roi_size): raise ValueError(f"roi_size {self.roi_size} must be divisible by {div} (2 ** number of strides)")
+        if any(r % div for r in self.roi_size):
+            raise ValueError(f"roi_size {self.roi_size} must be divisible by {div} (2 ** number of strides)")
+
+# %% ../nbs/api/05_train.ipynb #054c2c53
+@patch(cls_method=True)
+def from_settings(cls:TrainConfig, settings:Settings|None=None, **overrides) -> TrainConfig:
+    "Defaults from `settings.ini` `[training]`, then `overrides` (None means not set)"
+    s = settings or load_settings()
+    base = dict(epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate, seed=s.seed,
+                num_workers=s.num_workers, val_interval=s.val_interval, roi_size=tuple(s.roi_size))
+    known = [f.name for f in fields(cls)]
+    if bad := set(overrides) - set(known): raise TypeError(f"Unknown training options {sorted(bad)}; known: {known}")
+    return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 # %% ../nbs/api/05_train.ipynb #bc50c63c
 def build_model(cfg:TrainConfig) -> torch.nn.Module:
@@ -69,7 +90,12 @@ def build_model(cfg:TrainConfig) -> torch.nn.Module:
     return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=cfg.channels, strides=cfg.strides,
                 num_res_units=cfg.num_res_units)
 
-def cldice(pred:torch.Tensor, label:torch.Tensor, iters:int=10, eps:float=1e-6) -> torch.Tensor:
+# %% ../nbs/api/05_train.ipynb #69ac6df8
+def cldice(pred:torch.Tensor,  # binary prediction, (B, 1, …)
+           label:torch.Tensor, # binary label, the same shape
+           iters:int=10,       # soft-skeleton iterations: more than the thickest vessel's radius in voxels
+           eps:float=1e-6,     # keeps empty skeletons finite
+          ) -> torch.Tensor:   # clDice per item, (B,)
     "Centre-line Dice per item of binary (B, 1, …) masks"
     p, l = pred.float(), label.float()
     sp, sl = soft_skel(p, iters), soft_skel(l, iters)
@@ -92,6 +118,7 @@ def curves_figure(history:Sequence[dict]) -> Figure:
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.88, wspace=0.25)  # tight_layout costs a second draw
     return fig
 
+# %% ../nbs/api/05_train.ipynb #e3c4ccaf
 def _edge(m:np.ndarray) -> np.ndarray:
     "The outline of a 2D mask"
     inner = m.copy()
@@ -99,8 +126,12 @@ def _edge(m:np.ndarray) -> np.ndarray:
         for sh in (1, -1): inner &= np.roll(m, sh, ax)
     return m & ~inner
 
-def overlay_image(image:np.ndarray, label:np.ndarray, pred:np.ndarray, scale:int=3) -> np.ndarray:
-    "RGB uint8 strip: three axial slices with label (green) and prediction (magenta) outlines, then an MIP of prediction against label (hit white, miss red, false blue)"
+def overlay_image(image:np.ndarray, # CT volume (x, y, z)
+                  label:np.ndarray, # vessel label, the same shape
+                  pred:np.ndarray,  # predicted vessel mask, the same shape
+                  scale:int=3,      # screen pixels per voxel
+                 ) -> np.ndarray:   # RGB uint8 strip
+    "Three axial slices with label (green) and prediction (magenta) outlines, then an MIP of prediction against label"
     image, label, pred = (np.asarray(x).squeeze() for x in (image, label, pred))
     label, pred = label > 0.5, pred > 0.5
     zs = np.nonzero(label.any((0, 1)))[0]
@@ -111,14 +142,16 @@ def overlay_image(image:np.ndarray, label:np.ndarray, pred:np.ndarray, scale:int
         rgb = np.repeat(g[:, :, z][..., None], 3, -1)
         rgb[_edge(label[:, :, z])] = (0.2, 1, 0.2); rgb[_edge(pred[:, :, z])] = (1, 0.2, 1)
         panels.append(rgb)
-    l, p = label.max(2), pred.max(2)
+    l, p = label.max(2), pred.max(2)  # in the MIP a hit is white, a miss red and a false alarm blue
     mip = np.zeros((*l.shape, 3)); mip[l & p] = 1; mip[l & ~p] = (1, 0.2, 0.2); mip[~l & p] = (0.3, 0.5, 1)
     panels.append(mip)
-    shown = [pnl.transpose(1, 0, 2)[::-1] for pnl in panels]  # rows are y, bottom up, as a radiologist looks at axial slices
+    # rows are y, bottom up, as a radiologist looks at axial slices
+    shown = [pnl.transpose(1, 0, 2)[::-1] for pnl in panels]
     sep = np.ones((shown[0].shape[0], 2, 3))
     strip = np.concatenate([x for pnl in shown for x in (pnl, sep)][:-1], 1)
     return (np.kron(strip, np.ones((scale, scale, 1))) * 255).astype(np.uint8)
 
+# %% ../nbs/api/05_train.ipynb #cc0433e7
 def save_png(obj, path) -> Path:
     "Write a Figure or an RGB array as PNG (small and fast: no tight bounding box)"
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,15 +177,49 @@ class TrainingOOMError(MemoryError):
 def oom_hint(cfg:TrainConfig, device) -> str:
     "What to try after running out of memory with `cfg`"
     smaller = tuple(max(16, (r // 2 // 16) * 16) for r in cfg.roi_size)
-    peak = f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB)" if getattr(device, 'type', '') == 'cuda' else ''
+    on_cuda = getattr(device, 'type', '') == 'cuda'
+    peak = f" (peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB)" if on_cuda else ''
+    roi, batch = ','.join(map(str, smaller)), max(1, cfg.batch_size // 2)
     return (f"Out of memory on {device}{peak} with roi_size={tuple(cfg.roi_size)}, batch_size={cfg.batch_size}, "
-            f"samples_per_case={cfg.samples_per_case}. Try a smaller ROI (--roi {','.join(map(str, smaller))}) or batch "
-            f"(--batch-size {max(1, cfg.batch_size // 2)}); AMP {'is on' if cfg.amp else 'is off: turn it on'}.")
+            f"samples_per_case={cfg.samples_per_case}. Try a smaller ROI (--roi {roi}) or batch "
+            f"(--batch-size {batch}); AMP {'is on' if cfg.amp else 'is off: turn it on'}.")
 
 # %% ../nbs/api/05_train.ipynb #bbbd0bea
 def dist_info() -> tuple[int, int, int]:
     "(rank, world size, local rank) from torchrun's environment; (0, 1, 0) in a plain process"
     return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('LOCAL_RANK', 0))
+
+@dataclass
+class DistContext:
+    "Which of the run's processes this is, and the device it trains on"
+    rank:int = 0; world:int = 1; device:torch.device = torch.device('cpu')
+
+def setup_process(device:str|None=None, # 'cpu', 'cuda' or 'cuda:N'; default: CUDA when present
+                  resume:str|None=None, # the run being resumed, which torchrun does not support yet
+                 ) -> DistContext:
+    "This process's place in the run; under torchrun, its GPU (or share of the cores) and the joined process group"
+    rank, world, local = dist_info()
+    dev = pick_device(device)
+    if world > 1:
+        if resume: raise ValueError("resume under torchrun is not supported yet: resume the run with one process")
+        import torch.distributed as dist
+        if dev.type == 'cuda': dev = torch.device('cuda', local); torch.cuda.set_device(dev)
+        else: torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        if not dist.is_initialized(): dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
+    return DistContext(rank, world, dev)
+
+# %% ../nbs/api/05_train.ipynb #3c5d2b8c
+def _mean_across(x:float, world:int, device) -> float:
+    if world == 1: return x
+    import torch.distributed as dist
+    t = torch.tensor([x], dtype=torch.float64, device=device); dist.all_reduce(t)
+    return float(t.item() / world)
+
+def _broadcast_flag(flag:bool, world:int, device) -> bool:
+    if world == 1: return flag
+    import torch.distributed as dist
+    t = torch.tensor([int(flag)], device=device); dist.broadcast(t, 0)
+    return bool(t.item())
 
 class _NoTracking:
     "What ranks other than 0 log through: nothing"
@@ -166,22 +233,36 @@ class _NoTracking:
     def start_run(self, *a, **k): return self._Run()
     def __getattr__(self, name): return lambda *a, **k: None
 
-def _mean_across(x:float, world:int, device) -> float:
-    if world == 1: return x
-    import torch.distributed as dist
-    t = torch.tensor([x], dtype=torch.float64, device=device); dist.all_reduce(t)
-    return float(t.item() / world)
+def _tracker_for(tracker, rank:int, world:int) -> tuple:
+    "(what this process logs through, the settings it trains with): only rank 0 touches the store"
+    if world > 1 and rank != 0:
+        return _NoTracking(), (tracker.settings if isinstance(tracker, MLflowTracker) else load_settings())
+    tracker = tracker or MLflowTracker()
+    return tracker, tracker.settings
 
-def _broadcast_flag(flag:bool, world:int, device) -> bool:
-    if world == 1: return flag
-    import torch.distributed as dist
-    t = torch.tensor([int(flag)], device=device); dist.broadcast(t, 0)
-    return bool(t.item())
-
-# %% ../nbs/api/05_train.ipynb #be14f57c
+# %% ../nbs/api/05_train.ipynb #c761baa5
 _post_pred, _post_label = AsDiscrete(argmax=True, to_onehot=2), AsDiscrete(to_onehot=2)
 
-def evaluate(model, loader, cfg:TrainConfig, device, amp=None, keep_first:bool=False) -> tuple[dict, dict|None]:
+def _predict(model, x:torch.Tensor, cfg:TrainConfig, device, amp=None) -> list[torch.Tensor]:
+    "One-hot predictions of the whole volumes in batch `x`, one per case, from ROI-sized sliding windows"
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        out = sliding_window_inference(x, cfg.roi_size, cfg.sw_batch_size, model, overlap=cfg.overlap)
+    return [_post_pred(o.float()) for o in decollate_batch(out)]
+
+def _sum_across(total:float, n:int, device) -> tuple[float, float]:
+    "(total, n) summed over torchrun's processes; as they are in a plain process"
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return total, n
+    t = torch.tensor([total, n], dtype=torch.float64, device=device); torch.distributed.all_reduce(t)
+    return tuple(t.tolist())
+
+# %% ../nbs/api/05_train.ipynb #be14f57c
+def evaluate(model,                 # the network; it is put in eval mode
+             loader,                # batches of whole volumes: `image` and `label`
+             cfg:TrainConfig,       # window size, windows per pass, overlap and voxel spacing
+             device,                # where to predict
+             amp=None,              # autocast dtype (`amp_dtype`); None for float32
+             keep_first:bool=False, # also return the first case's image, label and prediction
+            ) -> tuple[dict, dict|None]:
     "Mean val_dice, val_cldice and val_hd95 over `loader`; and the first case's arrays for a figure"
     model.eval()
     dice, hd = DiceMetric(include_background=False), HausdorffDistanceMetric(include_background=False, percentile=95)
@@ -189,42 +270,171 @@ def evaluate(model, loader, cfg:TrainConfig, device, amp=None, keep_first:bool=F
     with torch.no_grad():
         for b in loader:
             x, y = b['image'].to(device), b['label'].to(device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                out = sliding_window_inference(x, cfg.roi_size, cfg.sw_batch_size, model, overlap=cfg.overlap)
-            preds = [_post_pred(o.float()) for o in decollate_batch(out)]
-            labels = [_post_label(l) for l in decollate_batch(y)]
+            preds, labels = _predict(model, x, cfg, device, amp), [_post_label(l) for l in decollate_batch(y)]
             dice(preds, labels); hd(preds, labels, spacing=list(cfg.pixdim))
             cl += cldice(torch.stack([p[1:] for p in preds]), torch.stack([l[1:] for l in labels])).tolist()
             if keep_first and first is None:
                 first = dict(image=x[0, 0].cpu().numpy(), label=y[0, 0].cpu().numpy(), pred=preds[0][1].cpu().numpy())
     h = hd.aggregate().item()  # under torchrun MONAI's metrics gather every process's cases themselves
-    n, total = len(cl), float(np.sum(cl))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([total, n], dtype=torch.float64, device=device); torch.distributed.all_reduce(t); total, n = t.tolist()
-    return dict(val_dice=dice.aggregate().item(), val_cldice=total / max(n, 1), val_hd95=h if math.isfinite(h) else float('nan')), first
+    total, n = _sum_across(float(np.sum(cl)), len(cl), device)
+    return dict(val_dice=dice.aggregate().item(), val_cldice=total / max(n, 1),
+                val_hd95=h if math.isfinite(h) else float('nan')), first
 
 # %% ../nbs/api/05_train.ipynb #6b609684
 @dataclass
 class TrainResult:
     "What a training run produced"
-    run_id:str; best_dice:float; best_epoch:int; epochs_run:int; history:list
-    model_uri:str|None = None; registered:str|None = None; onnx_path:str|None = None; seconds:float = 0.0
-    test:dict = field(default_factory=dict)
+    run_id:str                 # the MLflow run
+    best_dice:float            # the best validation Dice
+    best_epoch:int             # its epoch
+    epochs_run:int             # epochs trained in this call (fewer than asked after early stopping)
+    history:list               # per epoch: train_loss, lr and, when validated, val_dice, val_cldice and val_hd95
+    model_uri:str|None = None  # the final model (`models:/<model_id>`), for `mlflow.pytorch.load_model`
+    registered:str|None = None # `name vN @alias` when registered
+    onnx_path:str|None = None  # the local ONNX file, when exported
+    seconds:float = 0.0        # wall time
+    test:dict = field(default_factory=dict) # held-out test metrics of the final model
     def _repr_markdown_(self):
         return (f"run `{self.run_id}`: best validation Dice **{self.best_dice:.3f}** at epoch {self.best_epoch} "
-                f"({self.epochs_run} epochs, {self.seconds:.0f} s)" + (f"; held-out test Dice {self.test['test_dice']:.3f}" if self.test else '')
+                f"({self.epochs_run} epochs, {self.seconds:.0f} s)"
+                + (f"; held-out test Dice {self.test['test_dice']:.3f}" if self.test else '')
                 + (f"; registered {self.registered}" if self.registered else ''))
 
-def _cases(data_dir, synthetic, work_dir, cfg, phantom:PhantomConfig|None):
+# %% ../nbs/api/05_train.ipynb #83ce4aad
+def make_datasets(cfg:TrainConfig,                   # split fractions, seed, ROI, spacing, caching, patches per case
+                  data_dir=None,                     # a folder of image/label pairs (ImageCAS, ASOCA or Decathlon)
+                  synthetic:int|None=None,           # or this many phantoms; 12 when neither is given
+                  work_dir='.',                      # phantoms are written to its `phantoms/` folder
+                  phantom:PhantomConfig|None=None,   # what the phantoms look like
+                 ) -> dict:                          # `datasets`' train, val, test and split
+    "The run's datasets, from a checked folder or from phantoms seeded by `cfg.seed`; bad data is a `DataError`"
     if data_dir is not None and synthetic: raise ValueError("Pass data_dir or synthetic, not both")
-    if data_dir is not None: return discover(data_dir)
-    n = synthetic or 12
-    return generate_phantoms(n, Path(work_dir)/'phantoms', seed=cfg.seed * 1000, config=phantom)
+    try:
+        cases = discover(data_dir) if data_dir is not None else \
+                generate_phantoms(synthetic or 12, Path(work_dir)/'phantoms', seed=cfg.seed * 1000, config=phantom)
+        return datasets(cases, cfg.roi_size, cfg.pixdim, cfg.seed, cfg.cache, cfg.fractions, cfg.samples_per_case,
+                        cfg.num_workers)
+    except RuntimeError as e:
+        raise (find_cause(e) or e) from None  # MONAI wraps a transform's error: show the DataError inside
 
-def _state(model, opt, sched, epoch) -> dict:
-    return dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch)
+# %% ../nbs/api/05_train.ipynb #28509e91
+@dataclass
+class Loaders:
+    "Training and validation batches; `sampler` shards the training cases between torchrun's processes"
+    train:DataLoader; val:DataLoader; sampler:DistributedSampler|None = None
 
-CURVES_BUDGET = 0.01  # the share of wall time that redrawing the training curves may take (on 2 CPU cores it competes with training)
+def make_loaders(ds:dict, cfg:TrainConfig, proc:DistContext|None=None) -> Loaders:
+    "Seeded, shuffled training batches of `cfg.batch_size` cases, and validation volumes one by one"
+    proc = proc or DistContext()
+    def shard(d, shuffle, **kw):
+        if proc.world == 1: return None
+        return DistributedSampler(d, num_replicas=proc.world, rank=proc.rank, shuffle=shuffle, **kw)
+    sampler = shard(ds['train'], True, seed=cfg.seed)
+    train = DataLoader(ds['train'], batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                       num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    val = DataLoader(ds['val'], batch_size=1, num_workers=cfg.num_workers, sampler=shard(ds['val'], False))
+    return Loaders(train, val, sampler)
+
+# %% ../nbs/api/05_train.ipynb #3154b65c
+@dataclass
+class TrainParts:
+    "The model and what trains it"
+    model:torch.nn.Module      # the U-Net
+    net:torch.nn.Module        # the model as torchrun's processes share it (DDP); else the model itself
+    loss_fn:torch.nn.Module    # Dice + cross-entropy
+    opt:torch.optim.Optimizer  # AdamW
+    sched:object               # the cosine learning-rate schedule
+    scaler:torch.amp.GradScaler # scales float16 gradients; does nothing otherwise
+
+    def state(self, epoch:int) -> dict:
+        "What a checkpoint holds"
+        return dict(model=self.model.state_dict(), optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
+                    epoch=epoch)
+
+    def load(self, state:dict):
+        "Continue from checkpoint `state`"
+        self.model.load_state_dict(state['model']); self.opt.load_state_dict(state['optimizer'])
+        self.sched.load_state_dict(state['scheduler'])
+
+def build_parts(cfg:TrainConfig, proc:DistContext|None=None, amp=None) -> TrainParts:
+    "MONAI's U-Net, Dice + cross-entropy, AdamW with a cosine schedule, and a gradient scaler when `amp` is float16"
+    proc = proc or DistContext()
+    model = net = build_model(cfg).to(proc.device)
+    if proc.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[proc.device.index] if proc.device.type == 'cuda' else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return TrainParts(model, net, DiceCELoss(to_onehot_y=True, softmax=True), opt,
+                      torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs),
+                      torch.amp.GradScaler('cuda', enabled=amp is torch.float16))
+
+# %% ../nbs/api/05_train.ipynb #f9cb64c9
+def _train_step(parts:TrainParts, x, y, cfg:TrainConfig, device, amp) -> torch.Tensor:
+    "One optimiser step on batch (x, y); running out of GPU memory is a `TrainingOOMError` that says what to change"
+    parts.opt.zero_grad(set_to_none=True)
+    try:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None): loss = parts.loss_fn(parts.net(x), y)
+        parts.scaler.scale(loss).backward(); parts.scaler.step(parts.opt); parts.scaler.update()
+    except torch.cuda.OutOfMemoryError as e: raise TrainingOOMError(oom_hint(cfg, device)) from e
+    return loss
+
+def train_epoch(parts:TrainParts,   # model, loss, optimiser, schedule and scaler
+                loader,             # training batches of patches: `image` and `label`
+                cfg:TrainConfig,    # the configuration (named in an out-of-memory error)
+                proc:DistContext,   # the device, and the processes the loss is averaged over
+                amp=None,           # autocast dtype (`amp_dtype`); None for float32
+                *, tracker=None,    # where each step's loss and learning rate go; nowhere when None
+                step:int=0,         # the global step of the first batch
+                desc:str='epoch',   # the progress bar's label
+                progress:bool=True, # show the progress bar
+               ) -> tuple[float, int]: # (mean loss, the global step after the last batch)
+    "One pass over `loader`, then one step of the learning-rate schedule"
+    parts.net.train(); losses = []
+    for b in tqdm(loader, desc=desc, leave=False, disable=not progress):
+        loss = _train_step(parts, b['image'].to(proc.device), b['label'].to(proc.device), cfg, proc.device, amp)
+        losses.append(_mean_across(loss.item(), proc.world, proc.device))
+        if tracker is not None:
+            tracker.log_metrics({'train/loss': losses[-1], 'train/lr': parts.opt.param_groups[0]['lr']}, step=step)
+        step += 1
+    parts.sched.step()
+    return float(np.mean(losses)), step
+
+# %% ../nbs/api/05_train.ipynb #6913e9d4
+def validate(model,           # the network
+             loader,          # validation volumes
+             cfg:TrainConfig, # `val_interval`, and what `evaluate` needs
+             device,          # where to predict
+             amp=None,        # autocast dtype; None for float32
+             epoch:int=0,     # the epoch that just trained
+            ) -> tuple[dict, dict|None]:
+    "`evaluate` (keeping the first case for the overlay) on the epochs `cfg.val_interval` picks; ({}, None) on others"
+    if (epoch + 1) % cfg.val_interval: return {}, None
+    return evaluate(model, loader, cfg, device, amp, keep_first=True)
+
+# %% ../nbs/api/05_train.ipynb #c10288fc
+@dataclass
+class EarlyStopping:
+    "Decides after each epoch whether it is the best so far (for the checkpoint policy) and whether to stop"
+    patience:int = 10       # validations without a gain before stopping
+    min_delta:float = 1e-4  # the smallest val_dice gain that counts as one
+    best:float = -1.0       # the best val_dice so far
+    best_epoch:int = -1     # the epoch it came from
+    stale:int = 0           # validations since the last gain
+
+    def update(self, m:dict) -> bool|None:
+        "Whether epoch metrics `m` improve on the best val_dice; None when the epoch was not validated"
+        if 'val_dice' not in m: return None
+        if m['val_dice'] > self.best + self.min_delta:
+            self.best, self.best_epoch, self.stale = m['val_dice'], m['epoch'], 0
+            return True
+        self.stale += 1
+        return False
+
+    @property
+    def stop(self) -> bool: return self.stale >= self.patience
+
+# %% ../nbs/api/05_train.ipynb #d4141fcf
+CURVES_BUDGET = 0.01  # the share of wall time that redrawing the training curves may take (it competes with training)
 
 def _log_epoch(tracker, run_id, epoch, state, m, history, first, is_best, cfg, step, work, curves_cost=None):
     "Draw the epoch's pictures and file the epoch (runs on the logger thread); curves only when `curves_cost` is given"
@@ -234,166 +444,169 @@ def _log_epoch(tracker, run_id, epoch, state, m, history, first, is_best, cfg, s
         t0 = time.perf_counter()
         arts['training_curves'] = save_png(curves_figure(history), d/'curves.png')
         curves_cost[0] = 0.5 * curves_cost[0] + 0.5 * (time.perf_counter() - t0)
-    if first: arts['predictions'] = save_png(overlay_image(first['image'], first['label'], first['pred']), d/'overlay.png')
+    if first: arts['predictions'] = save_png(overlay_image(**first), d/'overlay.png')
     tracker.log_epoch(epoch, model_state=state, metrics={k: v for k, v in m.items() if k != 'epoch'}, artifacts=arts,
-                      metadata={'hyperparameters': asdict(cfg), 'seed': cfg.seed, 'global_step': step}, is_best=is_best, run_id=run_id)
+                      metadata={'hyperparameters': asdict(cfg), 'seed': cfg.seed, 'global_step': step},
+                      is_best=is_best, run_id=run_id)
     shutil.rmtree(d, ignore_errors=True)
 
+class EpochFiler:
+    "Draws and files each epoch on one background thread while the next one trains; a context manager"
+    def __init__(self, tracker, run_id:str|None, cfg:TrainConfig, work, epochs:range):
+        self.tracker, self.run_id, self.cfg, self.work, self.first_epoch = tracker, run_id, cfg, Path(work), epochs[0]
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='coronary-epoch-logger')
+        self.pending, self.curves_cost, self.last_draw = None, [0.1], time.perf_counter()
+    def __enter__(self): return self
+    def __exit__(self, exc_type, *_):
+        self.pool.shutdown(wait=True)  # also on Ctrl-C: the epoch in hand is filed, so its checkpoint is kept
+        if exc_type is None and self.pending is not None: self.pending.result()
+
+# %% ../nbs/api/05_train.ipynb #55488048
+@patch
+def file(self:EpochFiler,
+         epoch:int,          # the epoch
+         parts:TrainParts,   # its state is copied now: training changes it at the next step
+         m:dict,             # the epoch's metrics
+         history:list,       # every epoch's metrics so far, for the curves
+         first:dict|None,    # the first validation case's arrays, for the overlay
+         is_best:bool|None,  # `EarlyStopping.update`'s answer
+         step:int,           # the global step
+         final:bool=False,   # the last epoch: the curves are drawn whatever they cost
+        ):
+    "Copy the epoch's state, wait until the previous epoch is filed, then draw and file this one on the thread"
+    # the curves are redrawn for the first and last epoch and whenever that fits in CURVES_BUDGET of the time since
+    # the last drawing: every epoch once epochs take a few seconds, as they do on real data
+    draw = (final or epoch == self.first_epoch
+            or self.curves_cost[0] <= CURVES_BUDGET * (time.perf_counter() - self.last_draw))
+    if draw: self.last_draw = time.perf_counter()
+    if self.pending is not None: self.pending.result()  # surfaces an error of the previous epoch; at most one waits
+    self.pending = self.pool.submit(_log_epoch, self.tracker, self.run_id, epoch, snapshot_state(parts.state(epoch)),
+                                    m, list(history), first, is_best, self.cfg, step, self.work,
+                                    self.curves_cost if draw else None)
+
+# %% ../nbs/api/05_train.ipynb #3e581b8e
+@dataclass
+class _RunContext:
+    "What every step of one training run shares"
+    tracker:object; run_id:str|None; cfg:TrainConfig; proc:DistContext; amp:torch.dtype|None; work:Path; progress:bool
+
+def _log_inputs(r:_RunContext, data_dir, split:dict):
+    "The run's params (the configuration, device, precision, data and case counts) and its split as `data/split.json`"
+    r.tracker.log_params({**asdict(r.cfg), 'device': r.proc.device.type, 'amp': str(r.amp).replace('torch.', ''),
+                          'data': str(data_dir) if data_dir else f"synthetic:{sum(map(len, split.values()))}",
+                          'cases': {k: len(v) for k, v in split.items()}})
+    f = r.work/'split.json'; f.write_text(json.dumps(split, indent=1))
+    r.tracker.log_artifact(f, 'data')
+
+def _resume(tracker, run_id:str, parts:TrainParts) -> tuple[int, float, int, int]:
+    "Load the run's best checkpoint into `parts`; return (next epoch, best Dice, best epoch, next global step)"
+    state = tracker.artifacts.best_checkpoint(run_id)
+    if state is None: raise ValueError(f"Run {run_id} has no checkpoint to resume from (no {TAG_BEST_CHECKPOINT} tag)")
+    parts.load(state)
+    history = lambda key: tracker.client.get_metric_history(run_id, key)
+    last = max((h.step for h in history('train_loss')), default=-1)
+    best_epoch = int(tracker.get_run_info(run_id).tags.get(TAG_BEST_EPOCH, -1))
+    return last + 1, max((d.value for d in history('val_dice')), default=-1.0), best_epoch, len(history('train/loss'))
+
+def _begin(r:_RunContext, parts:TrainParts, data_dir, split:dict, resume:str|None) -> tuple[EarlyStopping, range, int]:
+    "Log a new run's inputs, or reload the run being resumed; return (the decider, the epochs to run, the next step)"
+    stopper, start, step = EarlyStopping(r.cfg.patience, r.cfg.min_delta), 0, 0
+    if resume: start, stopper.best, stopper.best_epoch, step = _resume(r.tracker, r.run_id, parts)
+    else: _log_inputs(r, data_dir, split)
+    return stopper, range(start, start + r.cfg.epochs), step
+
+# %% ../nbs/api/05_train.ipynb #e38709ab
+def _run_epochs(r:_RunContext, parts:TrainParts, loaders:Loaders, stopper:EarlyStopping, epochs:range,
+                step:int) -> list:
+    "Train, validate, decide and file each epoch, until the last or until early stopping; return the history"
+    history, bar = [], tqdm(epochs, desc='epochs', disable=not r.progress)
+    with EpochFiler(r.tracker, r.run_id, r.cfg, r.work, epochs) as filer:
+        for epoch in bar:
+            if loaders.sampler is not None: loaders.sampler.set_epoch(epoch)
+            loss, step = train_epoch(parts, loaders.train, r.cfg, r.proc, r.amp, tracker=r.tracker, step=step,
+                                     desc=f'epoch {epoch}', progress=r.progress)
+            val, first = validate(parts.model, loaders.val, r.cfg, r.proc.device, r.amp, epoch)
+            history.append(m := dict(epoch=epoch, train_loss=loss, lr=parts.opt.param_groups[0]['lr'], **val))
+            is_best = stopper.update(m)
+            if r.proc.rank == 0:
+                filer.file(epoch, parts, m, history, first, is_best, step, final=epoch == epochs[-1] or stopper.stop)
+            bar.set_postfix(loss=f"{loss:.3f}", dice=f"{m.get('val_dice', math.nan):.3f}", best=f"{stopper.best:.3f}")
+            if _broadcast_flag(stopper.stop, r.proc.world, r.proc.device):  # rank 0 decides; the others follow
+                r.tracker.set_tag(TAG_EARLY_STOP, f"epoch {epoch}: no val_dice gain for {stopper.stale} validations")
+                break
+    return history
+
+# %% ../nbs/api/05_train.ipynb #5a3013bd
+def _finish(r:_RunContext, model, result:TrainResult, onnx:bool) -> bool:
+    "Reload the best weights and log them as the run's MLflow model (and as ONNX if asked); False if there are none"
+    state = r.tracker.artifacts.best_checkpoint(r.run_id)
+    if state is None: return False
+    model.load_state_dict(state['model']); model.eval().cpu()
+    # an input in the windowed CT range: a constant one is degenerate for instance norm (variance 0) and would make
+    # the ONNX check compare rounding noise amplified by 1/sqrt(eps)
+    example = torch.rand(1, 1, *r.cfg.roi_size, generator=torch.Generator().manual_seed(r.cfg.seed))
+    best = next((h for h in result.history if h['epoch'] == result.best_epoch), {})
+    best_metrics = {k: v for k, v in best.items() if k.startswith('val_')}
+    mi = registry.log_model(model, example, r.run_id, step=max(result.best_epoch, 0), best_metrics=best_metrics,
+                            tracker=r.tracker)
+    result.model_uri = mi.model_uri
+    if onnx:
+        p = registry.export_onnx(model, example, r.work/'model.onnx', run_id=r.run_id, tracker=r.tracker)
+        result.onnx_path = str(p)
+    model.to(r.proc.device)
+    return True
+
+# %% ../nbs/api/05_train.ipynb #943a86c7
+def _end(r:_RunContext, model, test_set, stopper:EarlyStopping, history:list, onnx:bool) -> TrainResult:
+    "Wait for the uploads and leave the process group; then, on rank 0, the final model and its held-out test"
+    r.tracker.artifacts.flush()
+    if r.proc.world > 1:  # the rest (final model, test set, registration) is rank 0's alone
+        import torch.distributed as dist
+        dist.barrier(); dist.destroy_process_group()
+    result = TrainResult(r.run_id, stopper.best, stopper.best_epoch, len(history), history)
+    if r.proc.rank == 0 and _finish(r, model, result, onnx):  # the best weights are loaded: test them once
+        loader = DataLoader(test_set, batch_size=1, num_workers=r.cfg.num_workers)
+        m, _ = evaluate(model, loader, r.cfg, r.proc.device, r.amp)
+        result.test = {k.replace('val_', 'test_'): v for k, v in m.items()}
+        r.tracker.log_metrics(result.test, step=max(stopper.best_epoch, 0))
+    return result
+
 # %% ../nbs/api/05_train.ipynb #2ea5a135
-def train(cfg:TrainConfig|None=None, *, data_dir=None, synthetic:int|None=None, tracker:MLflowTracker|None=None,
-          run_name:str|None=None, resume:str|None=None, register:bool=False, alias:str='champion', onnx:bool=False,
-          device:str|None=None, work_dir=None, phantom:PhantomConfig|None=None, progress:bool=True) -> TrainResult:
+def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainConfig.from_settings` of the tracker's
+          *,
+          data_dir=None,                   # a folder of image/label pairs; without it, phantoms
+          synthetic:int|None=None,         # the number of phantoms (default 12)
+          tracker:MLflowTracker|None=None, # where the run goes; default: `MLflowTracker()` on `load_settings()`
+          run_name:str|None=None,          # the MLflow run name; default: MLflow's
+          resume:str|None=None,            # a run id: continue its epochs from its best checkpoint, in that run
+          register:bool=False,             # register the final model and point `alias` at it
+          alias:str='champion',            # the alias `register` sets
+          onnx:bool=False,                 # also export the final model to ONNX (checked in onnxruntime) into the run
+          device:str|None=None,            # 'cpu', 'cuda' or 'cuda:N'; default: CUDA when present
+          work_dir=None,                   # where phantoms, the split and exports go; default: a temporary folder
+          phantom:PhantomConfig|None=None, # what the phantoms look like
+          progress:bool=True,              # show progress bars for the epochs and their steps
+         ) -> TrainResult:
     "Train a coronary segmentation model with full tracking; see above for what is logged"
     t_start = time.time()
-    rank, world, local = dist_info()
-    if world > 1 and rank != 0:  # only rank 0 touches the store
-        base, tracker = (tracker.settings if isinstance(tracker, MLflowTracker) else load_settings()), _NoTracking()
-    else:
-        tracker = tracker or MLflowTracker(); base = tracker.settings
+    tracker, base = _tracker_for(tracker, *dist_info()[:2])
     cfg = cfg or TrainConfig.from_settings(base)
-    dev = pick_device(device)
-    if world > 1:
-        if resume: raise ValueError("resume under torchrun is not supported yet: resume the run with one process")
-        import torch.distributed as dist
-        if dev.type == 'cuda': dev = torch.device('cuda', local); torch.cuda.set_device(dev)
-        else: torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        if not dist.is_initialized(): dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    amp = amp_dtype(dev, cfg.amp)
-    if dev.type == 'cuda': torch.backends.cudnn.benchmark = True
+    proc = setup_process(device, resume)
+    amp = amp_dtype(proc.device, cfg.amp)
+    if proc.device.type == 'cuda': torch.backends.cudnn.benchmark = True
     set_determinism(cfg.seed)
     work = Path(work_dir or tempfile.mkdtemp(prefix='coronary-train-'))
-    if world > 1: work = work/f"rank{rank}"
+    if proc.world > 1: work = work/f"rank{proc.rank}"
     work.mkdir(parents=True, exist_ok=True)
-    try:
-        ds = datasets(_cases(data_dir, synthetic, work, cfg, phantom), cfg.roi_size, cfg.pixdim, cfg.seed, cfg.cache,
-                      cfg.fractions, cfg.samples_per_case, cfg.num_workers)
-    except RuntimeError as e:
-        raise (find_cause(e) or e) from None
-    g = torch.Generator().manual_seed(cfg.seed)
-    sampler = None
-    from torch.utils.data.distributed import DistributedSampler
-    if world > 1:
-        sampler = DistributedSampler(ds['train'], num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    train_loader = DataLoader(ds['train'], batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                              num_workers=cfg.num_workers, generator=g)
-    val_sampler = DistributedSampler(ds['val'], num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
-    val_loader = DataLoader(ds['val'], batch_size=1, num_workers=cfg.num_workers, sampler=val_sampler)
-    model = build_model(cfg).to(dev)
-    net = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == 'cuda' else None)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    scaler = torch.amp.GradScaler('cuda', enabled=amp is torch.float16)
-    start, history, best, best_epoch, step = 0, [], -1.0, -1, 0
-    with tracker.start_run(run_name=run_name, resume_run_id=resume, tags={'coronary_mlops.task': 'coronary-segmentation'}) as run:
-        if resume:
-            start, best, best_epoch, step = _resume(tracker, run.run_id, model, opt, sched)
-        else:
-            tracker.log_params({**asdict(cfg), 'device': dev.type, 'amp': str(amp).replace('torch.', ''),
-                                'data': str(data_dir) if data_dir else f"synthetic:{sum(map(len, ds['split'].values()))}",
-                                'cases': {k: len(v) for k, v in ds['split'].items()}})
-            split_file = work/'split.json'; split_file.write_text(json.dumps(ds['split'], indent=1))
-            tracker.log_artifact(split_file, 'data')
-        stale, pending, curves_cost, last_draw = 0, None, [0.1], time.perf_counter()
-        logger = ThreadPoolExecutor(max_workers=1, thread_name_prefix='coronary-epoch-logger')
-        epoch_range = range(start, start + cfg.epochs if resume else cfg.epochs)
-        epochs = tqdm(epoch_range, desc='epochs', disable=not progress)
-        try:
-            for epoch in epochs:
-                if sampler is not None: sampler.set_epoch(epoch)
-                net.train(); losses = []
-                for b in tqdm(train_loader, desc=f'epoch {epoch}', leave=False, disable=not progress):
-                    x, y = b['image'].to(dev), b['label'].to(dev)
-                    opt.zero_grad(set_to_none=True)
-                    try:
-                        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                            loss = loss_fn(net(x), y)
-                        scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-                    except torch.cuda.OutOfMemoryError as e: raise TrainingOOMError(oom_hint(cfg, dev)) from e
-                    losses.append(_mean_across(loss.item(), world, dev))
-                    tracker.log_metrics({'train/loss': losses[-1], 'train/lr': opt.param_groups[0]['lr']}, step=step); step += 1
-                sched.step()
-                m = dict(epoch=epoch, train_loss=float(np.mean(losses)), lr=opt.param_groups[0]['lr'])
-                first = None
-                if (epoch + 1) % cfg.val_interval == 0:
-                    val, first = evaluate(model, val_loader, cfg, dev, amp, keep_first=True)
-                    m.update(val)
-                history.append(m)
-                improved = 'val_dice' in m and m['val_dice'] > best + cfg.min_delta
-                if improved: best, best_epoch, stale = m['val_dice'], epoch, 0
-                elif 'val_dice' in m: stale += 1
-                if rank == 0:
-                    # the state is copied here (the loop changes it next step); drawing and filing happen on the logger thread.
-                    # The curves are redrawn for the first and last epoch and whenever that fits in CURVES_BUDGET of the time
-                    # since the last drawing: every epoch once epochs take a few seconds, as they do on real data.
-                    final = epoch == epoch_range[-1] or stale >= cfg.patience
-                    draw = final or epoch == epoch_range[0] or curves_cost[0] <= CURVES_BUDGET * (time.perf_counter() - last_draw)
-                    if draw: last_draw = time.perf_counter()
-                    if pending is not None: pending.result()  # surfaces an error of the previous epoch; at most one epoch waits
-                    pending = logger.submit(_log_epoch, tracker, run.run_id, epoch, snapshot_state(_state(model, opt, sched, epoch)),
-                                            m, list(history), first, improved if 'val_dice' in m else None, cfg, step, work,
-                                            curves_cost if draw else None)
-                epochs.set_postfix(loss=f"{m['train_loss']:.3f}", dice=f"{m.get('val_dice', float('nan')):.3f}", best=f"{best:.3f}")
-                if _broadcast_flag(stale >= cfg.patience, world, dev):  # rank 0 decides; the others follow
-                    tracker.set_tag('coronary_mlops.early_stop', f"epoch {epoch}: no val_dice gain for {stale} validations")
-                    break
-        finally:
-            logger.shutdown(wait=True)  # also on Ctrl-C: the epoch in hand is filed, so its checkpoint is kept
-        if pending is not None: pending.result()
-        tracker.artifacts.flush()
-        if world > 1:  # the rest (final model, test set, registration) is rank 0's alone
-            import torch.distributed as dist
-            dist.barrier(); dist.destroy_process_group()
-        result = TrainResult(run.run_id, best, best_epoch, len(history), history)
-        if rank == 0 and _finish(tracker, run.run_id, model, cfg, dev, result, work, onnx):  # the best weights are loaded: test them once
-            test_loader = DataLoader(ds['test'], batch_size=1, num_workers=cfg.num_workers)
-            result.test = {k.replace('val_', 'test_'): v for k, v in evaluate(model, test_loader, cfg, dev, amp)[0].items()}
-            tracker.log_metrics(result.test, step=max(best_epoch, 0))
+    ds = make_datasets(cfg, data_dir, synthetic, work, phantom)
+    loaders, parts = make_loaders(ds, cfg, proc), build_parts(cfg, proc, amp)
+    with tracker.start_run(run_name=run_name, resume_run_id=resume, tags={TAG_TASK: 'coronary-segmentation'}) as run:
+        r = _RunContext(tracker, run.run_id, cfg, proc, amp, work, progress)
+        stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], resume)
+        history = _run_epochs(r, parts, loaders, stopper, epochs, step)
+        result = _end(r, parts.model, ds['test'], stopper, history, onnx)
     if register and result.model_uri:
         mv = registry.register_model(result.run_id, tracker=tracker, alias=alias)
         result.registered = f"{mv.name} v{mv.version} @{alias}"
     result.seconds = time.time() - t_start
     return result
-
-# %% ../nbs/api/05_train.ipynb #5a3013bd
-def _best_state(tracker, run_id) -> tuple[dict|None, dict]:
-    "(the run's best checkpoint, loaded with weights_only=True, or None; the run's tags)"
-    tags = tracker.get_run_info(run_id).tags
-    if not (ckpt := tags.get('coronary_mlops.best_checkpoint')): return None, tags
-    with tempfile.TemporaryDirectory() as t:
-        return load_checkpoint(registry.download_artifacts(run_id, [ckpt], t, tracker=tracker, progress=False)[0]), tags
-
-def _resume(tracker, run_id, model, opt, sched) -> tuple[int, float, int, int]:
-    "Load the run's best checkpoint; return (next epoch, best Dice, best epoch, next global step)"
-    state, tags = _best_state(tracker, run_id)
-    if state is None: raise ValueError(f"Run {run_id} has no checkpoint to resume from (no coronary_mlops.best_checkpoint tag)")
-    model.load_state_dict(state['model']); opt.load_state_dict(state['optimizer']); sched.load_state_dict(state['scheduler'])
-    hist = tracker.client.get_metric_history(run_id, 'train_loss')
-    dice = tracker.client.get_metric_history(run_id, 'val_dice')
-    steps = tracker.client.get_metric_history(run_id, 'train/loss')
-    last = max((h.step for h in hist), default=-1)
-    return last + 1, max((d.value for d in dice), default=-1.0), int(tags.get('coronary_mlops.best_epoch', -1)), len(steps)
-
-def _finish(tracker, run_id, model, cfg, dev, result, work, onnx):
-    "Reload the best weights, log them as the MLflow model (pt2), and export ONNX if asked"
-    state, _ = _best_state(tracker, run_id)
-    if state is None: return False
-    model.load_state_dict(state['model']); model.eval().cpu()
-    # an input in the windowed CT range: a constant one is degenerate for instance norm (variance 0) and would make the
-    # ONNX check compare rounding noise amplified by 1/sqrt(eps)
-    example = torch.rand(1, 1, *cfg.roi_size, generator=torch.Generator().manual_seed(cfg.seed))
-    best = next((h for h in result.history if h['epoch'] == result.best_epoch), {})
-    best_metrics = {k: v for k, v in best.items() if k.startswith('val_')}
-    with _quiet_export('torch._export'):  # pt2 tracing logs a 'dimension specialized' line per model
-        mi = mlflow.pytorch.log_model(model, name='model', input_example=example.numpy(), serialization_format='pt2',
-                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", 'monai'], step=max(result.best_epoch, 0))
-    if best_metrics: mlflow.log_metrics({f"best_{k}": v for k, v in best_metrics.items()}, step=result.best_epoch, model_id=mi.model_id)
-    result.model_uri = mi.model_uri
-    if onnx:
-        p = registry.export_onnx(model, example, Path(work)/'model.onnx', run_id=run_id, tracker=tracker)
-        result.onnx_path = str(p)
-    model.to(dev)
-    return True

@@ -68,3 +68,32 @@ def test_ctrl_c_ends_the_run_killed_and_keeps_the_last_checkpoint(clean_env):
     ckpt = client.download_artifacts(run.info.run_id, run.data.tags['coronary_mlops.best_checkpoint'], str(clean_env/'dl'))
     state = load_checkpoint(ckpt)
     assert set(state) == {'model', 'optimizer', 'scheduler', 'epoch'} and state['epoch'] >= 0
+
+
+def test_every_train_config_field_is_an_option_and_store_options_follow_the_subcommand(capsys):
+    "The options come from TrainConfig (fields, types, docments); --experiment works after `train` as a new user types it"
+    from dataclasses import fields
+    from fastcore.docments import docments
+    from coronary_mlops.cli import cli_parser
+    from coronary_mlops.train import TrainConfig
+    a = cli_parser().parse_args(['train', '--experiment', 'X', '--synthetic', '4', '--store-dir', 'S', '--tracking-uri', 'U'])
+    assert (a.command, a.experiment_name, a.store_dir, a.tracking_uri, a.synthetic) == ('train', 'X', 'S', 'U', 4)
+    assert cli_parser().parse_args(['--experiment', 'Y', 'train', '--synthetic', '4']).experiment_name == 'Y'
+    for cmd in (['train', '--synthetic', '4'], ['demo']):
+        argv = list(cmd)
+        for f in fields(TrainConfig):  # each field set to a value other than its default
+            opt = '--' + f.name.replace('_', '-')
+            if isinstance(f.default, bool): argv.append(f'--no-{f.name}')
+            elif isinstance(f.default, tuple): argv += [opt, ','.join(str(x * 2) for x in f.default)]
+            else: argv += [opt, str(f.default + 1)]
+        got = vars(cli_parser().parse_args(argv))
+        want = {f.name: False if isinstance(f.default, bool) else
+                tuple(x * 2 for x in f.default) if isinstance(f.default, tuple) else f.default + 1 for f in fields(TrainConfig)}
+        assert {k: got[k] for k in want} == want
+    old = cli_parser().parse_args(['train', '--synthetic', '4', '--lr', '0.1', '--roi', '32', '--no-amp', '--batch-size', '3',
+                                   '--num-workers', '1'])
+    assert (old.learning_rate, old.roi_size, old.amp, old.batch_size, old.num_workers) == (0.1, (32, 32, 32), False, 3, 1)
+    with pytest.raises(SystemExit): cli_parser().parse_args(['train', '--help'])
+    out = ' '.join(capsys.readouterr().out.split())
+    assert all(f"{doc} (default: " in out for k, doc in docments(TrainConfig).items() if k != "return")
+    assert '--weight-decay X AdamW' in out and '--amp, --no-amp' in out and '--fractions TRAIN,VAL,TEST' in out

@@ -119,7 +119,7 @@ def test_metrics_order_and_memory_cap(store):
         peak = 0
         for step in range(5000):
             tr.log_metric('loss', float(step), step=step)
-            peak = max(peak, len(tr._buf))
+            peak = max(peak, len(tr.queue.buf))
         assert peak <= 500 and tr.stats['spills'] >= 9 and tr.stats['spooled'] >= 4500
     hist = tr.client.get_metric_history(run.run_id, 'loss')
     assert [(m.step, m.value) for m in sorted(hist, key=lambda m: (m.timestamp, m.step))] == [(s, float(s)) for s in range(5000)]

@@ -16,8 +16,8 @@ import mlflow
 from mlflow import MlflowClient
 from fastcore.basics import patch
 from .config import Settings, load_settings, redact, check_reachable
-from .layout import (LAYOUT, FILE_NAMES, check_key, check_name, epoch_dir, folder_files, plan_artifacts,
-                                   safe_join, layout_markdown)
+from .layout import (LAYOUT, FILE_NAMES, check_key, check_name, epoch_dir, folder_files, metric_value,
+                                   plan_artifacts, safe_join, layout_markdown)
 from .storage import (CheckpointPolicy, atomic_torch_save, dumps_json, fmt_value, load_checkpoint,
                                     read_json, snapshot_state, to_jsonable, training_context)
 from .reader import ArtifactIntegrityError, RunReader, VerifyReport
@@ -79,10 +79,6 @@ def _policy(self:MLflowArtifactManager, run_id:str) -> CheckpointPolicy:
         return self._policies[run_id]
 
 # %% ../nbs/api/01_artifacts.ipynb #278678ac
-def _number(k, v) -> float:
-    try: return float(v)
-    except (TypeError, ValueError): raise TypeError(f"metrics[{k!r}]: expected a number, got {v!r}") from None
-
 @patch
 def log_epoch(self:MLflowArtifactManager,
               epoch:int, # the epoch number; folders are named epoch_NNN
@@ -93,11 +89,11 @@ def log_epoch(self:MLflowArtifactManager,
               *, run_id:str|None=None, # the run; the active run when None
               is_best:bool|None=None, # overrides the policy's judgement from the monitored metric
              ) -> dict: # {artifact type: run-relative path or paths}
-    "Stage one epoch and queue it for upload; return at once with the run-relative paths it will have"
+    "Stage one epoch and queue it for upload; return at once with its run-relative paths (durable after `flush`)"
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
         raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
     epoch, run_id, ts = int(epoch), self._run_id(run_id), int(time.time() * 1000)
-    metrics = {check_key(str(k), 'metric'): _number(k, v) for k, v in (metrics or {}).items()}
+    metrics = {check_key(str(k), 'metric'): metric_value(k, v) for k, v in (metrics or {}).items()}
     plan = [x for kind, v in (artifacts or {}).items() for x in plan_artifacts(kind, v, epoch)]
     meta = dict(metadata or {})
     meta = {**training_context(meta.pop('hyperparameters', None), meta.pop('seed', self.settings.seed)),

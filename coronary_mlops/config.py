@@ -20,10 +20,10 @@ from mlflow.exceptions import MlflowException
 
 # %% auto #0
 __all__ = ['SECTIONS', 'DEFAULTS', 'SECTION_OF', 'ENV_ALIASES', 'ENV_PREFIX', 'LOCATOR_VARS', 'SECRET_MARKERS', 'REDACTED',
-           'CHOICES', 'MINIMUM', 'TRACKING_SCHEMES', 'SettingsError', 'is_secret_name', 'redact_uri', 'redact',
-           'check_store_uri', 'parse_value', 'find_settings_file', 'find_env_file', 'read_settings_ini', 'read_env',
-           'default_store_dir', 'sqlite_uri', 'Settings', 'load_settings', 'get_or_create_experiment', 'env_override',
-           'probe_server', 'check_reachable', 'is_permanent']
+           'CHOICES', 'MINIMUM', 'TRACKING_SCHEMES', 'SettingsError', 'is_secret_name', 'redact_uri', 'redact_text',
+           'redact', 'check_store_uri', 'parse_value', 'find_settings_file', 'find_env_file', 'read_settings_ini',
+           'read_env', 'default_store_dir', 'sqlite_uri', 'Settings', 'load_settings', 'get_or_create_experiment',
+           'env_override', 'probe_server', 'check_reachable', 'is_permanent']
 
 # %% ../nbs/api/00_config.ipynb #66e41009
 SECTIONS = {
@@ -76,13 +76,27 @@ def redact_uri(uri:str) -> str:
     if (netloc, query) == (p.netloc, p.query): return uri  # urlunsplit would drop the empty host of sqlite:////x
     return urlunsplit((p.scheme, netloc, p.path, query, p.fragment))
 
+# %% ../nbs/api/00_config.ipynb #1518a270
+_URI_PW = re.compile(r'([A-Za-z][\w+.-]*://[^\s:/@]+:)([^\s@/]+)(@)')
+_SECRET_WORD = r'[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key)[\w.-]*'
+_PAIR = re.compile(r'(["\']?' + _SECRET_WORD + r'["\']?\s*[:=]\s*["\']?)([^"\'\s,;&}\]]+)', re.I)
+_QUERY = re.compile(r'([?&]' + _SECRET_WORD + r'=)([^&\s]+)', re.I)
+
+def redact_text(text:str, environ:Mapping|None=None) -> str:
+    "`text` with URI passwords, secret `key=value` pairs and the values of secret environment variables replaced"
+    if not isinstance(text, str) or not text: return text
+    out = _PAIR.sub(rf'\1{REDACTED}', _QUERY.sub(rf'\1{REDACTED}', _URI_PW.sub(rf'\1{REDACTED}\3', text)))
+    for name, v in (os.environ if environ is None else environ).items():
+        if is_secret_name(name) and v and len(v) >= 6 and v in out: out = out.replace(v, REDACTED)
+    return out
+
 # %% ../nbs/api/00_config.ipynb #d3aa4577
 def redact(obj):
     "Copy of `obj` (dicts, lists, strings) with secret-named entries and URI credentials replaced by `***`"
     if isinstance(obj, Mapping):
         return {k: (REDACTED if is_secret_name(k) and v not in (None, '') else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)): return type(obj)(redact(v) for v in obj)
-    if isinstance(obj, str): return redact_uri(obj)
+    if isinstance(obj, str): return redact_text(obj)
     return obj
 
 # %% ../nbs/api/00_config.ipynb #82de086f

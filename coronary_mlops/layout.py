@@ -6,17 +6,17 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/layout.html.md"""
 
 # %% ../nbs/api/01a_layout.ipynb #6a78b2ce
 from __future__ import annotations
-import json, logging, os, posixpath, re
+import json, logging, numbers, os, posixpath, re
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 from urllib.parse import unquote
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, path_not_unique, validate_param_and_metric_name
 
 # %% auto #0
-__all__ = ['LAYOUT', 'FILE_NAMES', 'CATEGORY_SUFFIXES', 'KEY_BAD_CHARS', 'TAG_BEST_CHECKPOINT', 'TAG_BEST_EPOCH',
-           'TAG_END_REASON', 'TAG_EARLY_STOP', 'TAG_TASK', 'TAG_OFFLINE_ID', 'FIGURE_NAMES', 'epoch_dir', 'categorize',
-           'type_dir', 'layout_markdown', 'check_name', 'safe_join', 'check_key', 'is_figure', 'folder_files',
-           'plan_artifacts']
+__all__ = ['LAYOUT', 'FILE_NAMES', 'CATEGORY_SUFFIXES', 'MAX_NAME_BYTES', 'KEY_BAD_CHARS', 'TAG_BEST_CHECKPOINT',
+           'TAG_BEST_EPOCH', 'TAG_END_REASON', 'TAG_EARLY_STOP', 'TAG_TASK', 'TAG_OFFLINE_ID', 'FIGURE_NAMES',
+           'epoch_dir', 'categorize', 'type_dir', 'layout_markdown', 'check_name', 'safe_join', 'check_key',
+           'metric_value', 'metric_step', 'is_figure', 'folder_files', 'plan_artifacts']
 
 # %% ../nbs/api/01a_layout.ipynb #d9184b3e
 log = logging.getLogger('coronary_mlops.layout')
@@ -88,6 +88,7 @@ def layout_markdown() -> str:
 
 # %% ../nbs/api/01a_layout.ipynb #f105b4c8
 _BAD_CHARS = re.compile(r'[#?;\\\x00-\x1f\x7f]')
+MAX_NAME_BYTES = 200  # file systems allow 255 bytes a name; the kit adds '.gz' and '.<name>.tmp-<pid>-<8 hex>'
 
 def check_name(name:str, what:str='artifact name') -> str:
     "`name` if it is a safe run-relative path; otherwise a `ValueError` that says why"
@@ -101,6 +102,8 @@ def check_name(name:str, what:str='artifact name') -> str:
             raise ValueError(f"Unsafe {what} {name!r}: absolute path or drive letter")
         if '..' in PurePosixPath(s).parts: raise ValueError(f"Unsafe {what} {name!r}: '..' escapes the artifact root")
     if '%' in name and decoded != name: raise ValueError(f"Unsafe {what} {name!r}: URL-encoded characters")
+    if (n := max(len(p.encode()) for p in name.split('/'))) > MAX_NAME_BYTES:  # room for '.gz' and a temp suffix
+        raise ValueError(f"{what} {name[:40]!r}… has a path component of {n} bytes; at most {MAX_NAME_BYTES} allowed")
     return name
 
 # %% ../nbs/api/01a_layout.ipynb #c292a87a
@@ -128,6 +131,30 @@ def check_key(key, # a metric, param or tag name
         raise ValueError(f"{what} name {key!r} is not a clean relative path: MLflow rejects it, since it would "
                          f"resolve to {posixpath.normpath(key)!r}")
     return key
+
+# %% ../nbs/api/01a_layout.ipynb #be8293fd
+_INT64 = 2**63
+
+def metric_value(key:str, # the metric's name, for the message
+                 v, # a number: int, float, NumPy scalar, one-element tensor
+                ) -> float:
+    "`v` as the float MLflow stores for metric `key`; a string, None or a number too large for a float is an error"
+    if v is None or isinstance(v, (str, bytes)):
+        raise TypeError(f"metric {key!r}: expected a number, got {type(v).__name__} {v!r}")
+    try: return float(v)
+    except OverflowError:
+        raise ValueError(f"metric {key!r}: {str(v)[:40]} is too large for MLflow's 64-bit float") from None
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r}: expected a number, got {type(v).__name__} {v!r}") from None
+
+def metric_step(step) -> int:
+    "`step` as the integer MLflow stores (None is 0); a fractional step or one outside 64 bits is an error"
+    if step is None: return 0
+    integral = isinstance(step, numbers.Integral) or (isinstance(step, float) and step.is_integer())
+    if isinstance(step, bool) or not integral:
+        raise ValueError(f"step must be an integer, got {type(step).__name__} {step!r}")
+    if not -_INT64 <= int(step) < _INT64: raise ValueError(f"step {step} is outside MLflow's 64-bit range")
+    return int(step)
 
 # %% ../nbs/api/01a_layout.ipynb #8524e99c
 TAG_BEST_CHECKPOINT = 'coronary_mlops.best_checkpoint'  # run-relative path of the best epoch's checkpoint

@@ -13,10 +13,10 @@ from typing import Callable
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 from fastcore.basics import patch
-from .config import is_permanent, probe_server, redact_uri
+from .config import is_permanent, probe_server, redact_text, redact_uri
 
 # %% auto #0
-__all__ = ['TrackerError', 'TrackerPermissionError', 'kit_error', 'Unsent', 'batches', 'RecordQueue']
+__all__ = ['TrackerError', 'TrackerPermissionError', 'kit_error', 'Unsent', 'batches', 'RecordQueue', 'describe']
 
 # %% ../nbs/api/02a_record_queue.ipynb #474b7563
 log = logging.getLogger('coronary_mlops.tracker')
@@ -45,15 +45,15 @@ def kit_error(e:Exception, action:str, uri:str) -> Exception:
             f"MLflow server {server} rejected the credentials of {_who()} while trying to {action}: set "
             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (in .env, never in settings.ini).")
     if pw := os.environ.get('MLFLOW_TRACKING_PASSWORD'): text = text.replace(pw, '***')
-    return TrackerError(f"MLflow refused to {action} ({code}): {redact_uri(text)[:500]}")
+    return TrackerError(f"MLflow refused to {action} ({code}): {redact_text(text)[:500]}")
 
 # %% ../nbs/api/02a_record_queue.ipynb #9aaf71a8
 class Unsent(Exception):
     "A transient failure; `records` are the ones that did not reach the store, in order"
     def __init__(self, records): self.records = records
 
-def batches(recs):
-    "Split records into ('batch', run, metrics, params, tags, records) and (kind, run, record) steps, in order"
+def _run_steps(recs):
+    "One run's records as ('batch', run, metrics, params, tags, records) and (kind, run, record) steps, in order"
     cur = None
     for r in recs:
         run, kind = r[0], r[1]
@@ -71,6 +71,12 @@ def batches(recs):
             if cur: yield cur; cur = None
             yield (kind, run, r)
     if cur: yield cur
+
+def batches(recs):
+    "Steps for `recs`, run by run (in order of first appearance); each run's own records keep their order"
+    by_run = {}
+    for r in recs: by_run.setdefault(r[0], []).append(r)
+    for rs in by_run.values(): yield from _run_steps(rs)
 
 # %% ../nbs/api/02a_record_queue.ipynb #d472efa4
 class RecordQueue:
@@ -155,21 +161,24 @@ def cycle(self:RecordQueue):
 
 # %% ../nbs/api/02a_record_queue.ipynb #5a475a81
 def _size(step) -> int: return len(step[5]) if step[0] == 'batch' else 1
+def _records(steps) -> list: return [r for s in steps for r in (s[5] if s[0] == 'batch' else [s[2]])]
+_BUSY = re.compile(r'database is locked|OperationalError|[Cc]onnection|[Tt]imed? ?out|[Tt]emporar|50[234]')
+
+def _transient(e:Exception) -> bool:
+    "A failure worth retrying as it is: the network, a busy database, a server error that says so"
+    return isinstance(e, (ConnectionError, TimeoutError, OSError)) or bool(_BUSY.search(f"{type(e).__name__}: {e}"))
 
 @patch
 def send_records(self:RecordQueue, recs:list, replay:bool=False):
-    "Send records in order; raise `Unsent` with the rest on a transient failure"
+    "Send records in order; raise `Unsent` with the rest on a transient failure; set aside what the store refuses"
     steps = list(batches(recs))
     for i, step in enumerate(steps):
         try: self._apply(step)
         except Exception as e:
-            rest = [r for s in steps[i:] for r in (s[5] if s[0] == 'batch' else [s[2]])]
-            if is_permanent(e) or isinstance(e, TrackerError):
-                n = _size(step)
-                self._reject(rest[:n], e); rest = rest[n:]
-                if rest: self.send_records(rest, replay)
-                return
-            raise Unsent(rest) from e
+            if is_permanent(e) or isinstance(e, TrackerError) or (not _transient(e) and self.probe()):
+                self._set_aside(step, e)  # refused by a store that answers: this step only, never the rest
+                continue
+            raise Unsent(_records(steps[i:])) from e
         self.stats['replayed' if replay else 'sent'] += _size(step)
 
 @patch
@@ -183,14 +192,41 @@ def _apply(self:RecordQueue, step):
     self.send(step, run_id)
 
 # %% ../nbs/api/02a_record_queue.ipynb #11554dab
+_KINDS = dict(m='metric', p='param', t='tag', end='status', text='text file', a='artifact', create='run')
+
+def describe(rec) -> str:
+    "A record in words, for an error message: `metric 'loss' = 0.5 at step 3`"
+    kind = _KINDS.get(rec[1], rec[1])
+    if rec[1] == 'm': return f"{kind} {rec[2]!r} = {rec[3]!r} at step {rec[4]}"
+    if rec[1] in ('p', 't'): return f"{kind} {rec[2]!r} = {str(rec[3])[:40]!r}"
+    return f"{kind} {str(rec[2])[:60]!r}"
+
 @patch
 def _reject(self:RecordQueue, recs, e):
+    "Set `recs` aside in `rejected/` and keep an error that names them, raised from the next flush or log call"
     d = self.spool_dir/'rejected'; d.mkdir(parents=True, exist_ok=True)
-    with open(d/f"{time.time_ns()}-{os.getpid()}.jsonl", 'w') as f:
-        for r in recs: f.write(json.dumps(list(r)) + '\n')
+    f = d/f"{time.time_ns()}-{os.getpid()}.jsonl"
+    f.write_text(''.join(json.dumps(list(r)) + '\n' for r in recs))
     self.stats['rejected'] += len(recs)
-    run = self.ids.get(recs[0][0], recs[0][0])
-    self.errors.append(e if isinstance(e, TrackerError) else kit_error(e, f"log to run {run}", self.tracking_uri))
+    run, more = self.ids.get(recs[0][0], recs[0][0]), f" (and {len(recs) - 1} more)" if len(recs) > 1 else ''
+    if not isinstance(e, TrackerError): e = kit_error(e, f"log to run {run}", self.tracking_uri)
+    what = f" Refused: {describe(recs[0])}{more}; kept in {f}."
+    self.errors.append(TrackerError(f"{e}{what}") if type(e) is TrackerError else e)
+
+_RUN_REFUSALS = {'RESOURCE_DOES_NOT_EXIST', 'INVALID_STATE', 'PERMISSION_DENIED', 'UNAUTHENTICATED'}
+
+@patch
+def _set_aside(self:RecordQueue, step, e:Exception):
+    "Reject a refused step; a refused batch is retried record by record, so only the records at fault are set aside"
+    whole_run = isinstance(e, TrackerError) or getattr(e, 'error_code', '') in _RUN_REFUSALS  # not one record's fault
+    if step[0] != 'batch' or _size(step) == 1 or whole_run: return self._reject(_records([step]), e)
+    refused, err = [], e
+    for n, r in enumerate(step[5]):
+        try: self._apply(next(batches([r]))); self.stats['sent'] += 1
+        except Exception as e1:
+            if _transient(e1): raise Unsent(step[5][n:]) from e1
+            refused.append(r); err = e1
+    if refused: self._reject(refused, err)
 
 @patch
 def raise_errors(self:RecordQueue):
@@ -294,6 +330,9 @@ def flush(self:RecordQueue, timeout:float|None=None) -> bool:
 
 @patch
 def stop(self:RecordQueue, timeout:float=10):
-    "Stop the worker thread (after `flush`)"
+    "Stop the worker thread; records still in memory go to the spool"
     self._stop.set(); self._wake.set()
     if self._thread is not None: self._thread.join(timeout=timeout)
+    if recs := self._take():  # whatever could not be sent in time waits in the spool: nothing is dropped
+        self.spool_write(recs); self.stats['spooled'] += len(recs)
+        log.warning("%s records not yet in the store were kept in %s; sync() sends them", len(recs), self.spool_dir)

@@ -22,13 +22,15 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_TAG_VAL_LENGTH
 from tqdm.auto import tqdm
 from .config import Settings, load_settings, redact_uri, is_permanent
 from .layout import KEY_BAD_CHARS, check_name, safe_join
-from .reader import quiet_downloads
+from .reader import ArtifactIntegrityError, RunReader, quiet_downloads, served_decoded
+from .storage import sha256_file
 from .tracker import MLflowTracker, RunInfo, TrackerError, kit_error
 
 # %% auto #0
 __all__ = ['STAGE_ALIASES', 'STAGES', 'model_name', 'quiet_export', 'log_model', 'find_model_uri', 'check_alias',
            'register_model', 'set_alias', 'get_version', 'model_uri', 'set_stage', 'promote_best', 'label_key',
-           'sync_tags', 'read_tags', 'list_artifacts', 'download_artifacts', 'ui_url', 'check_onnx', 'export_onnx']
+           'sync_tags', 'read_tags', 'list_artifacts', 'check_downloads', 'download_artifacts', 'ui_url', 'check_onnx',
+           'export_onnx']
 
 # %% ../nbs/api/03_registry.ipynb #e6288537
 log = logging.getLogger('coronary_mlops.registry')
@@ -306,6 +308,28 @@ def list_artifacts(run_id:str,          # the run
             else: out.append(fi)
         return out
 
+# %% ../nbs/api/03_registry.ipynb #80d29d26
+def check_downloads(run_id:str, # the run the files came from
+                    dst, # the folder they were downloaded into, keeping the run's layout
+                    paths:Sequence[str], # the run-relative files or folders that were downloaded
+                    reader:RunReader, # reads the run's manifests
+                   ) -> int:
+    "Check each downloaded file that an epoch manifest lists against its sha256; return how many were checked"
+    dst, manifests, n = Path(dst), {}, 0
+    local = [safe_join(dst, p.rstrip('/')) for p in paths]
+    for f in (x for l in local for x in ([l] if l.is_file() else l.rglob('*')) if x.is_file()):
+        rel = f.relative_to(dst).as_posix()
+        if not (m := re.search(r'/epoch_(\d+)(/|$)', rel)): continue
+        epoch = int(m.group(1))
+        if epoch not in manifests: manifests[epoch] = reader.manifest(run_id, epoch) or {'files': []}
+        e = next((x for x in manifests[epoch]['files'] if x['stored'] == rel and 'sha256' in x), None)
+        if e is None: continue
+        if sha256_file(f) != e.get('stored_sha256', e['sha256']) and not served_decoded(e, f):
+            raise ArtifactIntegrityError(f"{rel} of run {run_id} does not match the sha256 in its manifest: it was "
+                                         f"changed after it was logged; do not load it (check with verify({run_id!r}))")
+        n += 1
+    return n
+
 # %% ../nbs/api/03_registry.ipynb #5b7749d4
 def download_artifacts(run_id:str,              # the run
                        paths:str|Sequence[str], # run-relative files or folders
@@ -327,8 +351,10 @@ def download_artifacts(run_id:str,              # the run
             return Path(client.download_artifacts(run_id, p.rstrip('/'), str(parent)))
     with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(paths) or 1))) as ex, \
          (contextlib.nullcontext() if progress else quiet_downloads()):  # one bar for the batch, not MLflow's per file
-        return list(tqdm(ex.map(one, paths), total=len(paths), desc=f"downloading {len(paths)} artifacts",
-                         disable=not progress, leave=False))
+        out = list(tqdm(ex.map(one, paths), total=len(paths), desc=f"downloading {len(paths)} artifacts",
+                        disable=not progress, leave=False))
+    check_downloads(run_id, dst, paths, RunReader(client, settings.tracking_uri))
+    return out
 
 # %% ../nbs/api/03_registry.ipynb #49b2a954
 def ui_url(run_id:str|None=None,        # a run

@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/storage.html.md"""
 
 # %% ../nbs/api/01b_storage.ipynb #b3f0f355
 from __future__ import annotations
-import gzip, hashlib, json, math, os, re, socket, subprocess, sys, uuid
+import gzip, hashlib, json, math, os, pickle, re, socket, subprocess, sys, uuid
 from dataclasses import asdict, is_dataclass
 from datetime import date, datetime
 from enum import Enum
@@ -19,8 +19,9 @@ from .config import redact
 
 # %% auto #0
 __all__ = ['NONFINITE', 'CHUNK', 'to_jsonable', 'dumps_json', 'read_json', 'sha256_file', 'is_gzip', 'gunzip_sha256', 'gzip_file',
-           'pid_alive', 'sweep_stale_temps', 'atomic_torch_save', 'load_checkpoint', 'snapshot_state', 'state_tensors',
-           'software_versions', 'training_context', 'fmt_value', 'epoch_summary', 'CheckpointPolicy']
+           'pid_alive', 'sweep_stale_temps', 'atomic_torch_save', 'UnsafeCheckpointError', 'load_checkpoint',
+           'snapshot_state', 'state_tensors', 'software_versions', 'training_context', 'fmt_value', 'epoch_summary',
+           'CheckpointPolicy']
 
 # %% ../nbs/api/01b_storage.ipynb #cb2211c7
 NONFINITE = {'NaN': math.nan, 'Infinity': math.inf, '-Infinity': -math.inf}
@@ -121,9 +122,17 @@ def atomic_torch_save(obj, path) -> int:
     finally: os.close(dfd)
     return path.stat().st_size
 
+class UnsafeCheckpointError(ValueError):
+    "A checkpoint that holds pickled objects: refused, and never to be loaded with weights_only=False"
+
 def load_checkpoint(path, map_location='cpu'):
     "Load a checkpoint with `torch.load(weights_only=True)`: tensors and plain containers only, no pickled code"
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try: return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{path} was refused as unsafe: it holds pickled objects, not only tensors and plain containers "
+            f"({str(e).splitlines()[-1][:200]}). Do not load it with weights_only=False: that would run code from "
+            "the file. Re-save the model's state_dict() instead.") from None
 
 # %% ../nbs/api/01b_storage.ipynb #a21403d7
 def _copy_into(buf:torch.Tensor, t:torch.Tensor) -> torch.Tensor:
@@ -138,6 +147,9 @@ def snapshot_state(state, where:str='model_state', alloc=None):
     "A CPU copy of `state` (an `nn.Module`, a state dict, or nested containers of tensors and plain values)"
     if isinstance(state, torch.nn.Module): state = state.state_dict()
     if isinstance(state, torch.Tensor):
+        if state.is_meta: raise TypeError(f"{where} is a meta tensor: it has no data (was the model materialised?)")
+        if state.layout != torch.strided:
+            raise TypeError(f"{where} is a {state.layout} tensor; store it dense (.to_dense()) or as its parts")
         t = state.detach()
         buf = alloc(t) if alloc else torch.empty(t.shape, dtype=t.dtype)  # `alloc` may hand back a reused buffer
         return _copy_into(buf, t)

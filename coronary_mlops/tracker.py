@@ -17,9 +17,9 @@ from mlflow.entities import RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from fastcore.basics import patch
-from .config import (Settings, load_settings, get_or_create_experiment, redact, redact_uri, env_override,
-                                   is_permanent)
-from .layout import TAG_END_REASON, TAG_OFFLINE_ID, check_key, check_name
+from .config import (Settings, load_settings, get_or_create_experiment, redact, redact_text, redact_uri,
+                                   env_override, is_permanent)
+from .layout import TAG_END_REASON, TAG_OFFLINE_ID, check_key, check_name, metric_step, metric_value
 from .storage import to_jsonable
 from .uploader import move_spooled_run
 from .artifacts import MLflowArtifactManager
@@ -32,20 +32,23 @@ __all__ = ['param_value', 'flatten_params', 'RunInfo', 'ParamConflictError', 'ML
 log = logging.getLogger('coronary_mlops.tracker')
 
 # %% ../nbs/api/02_tracker.ipynb #f0671179
-def param_value(v) -> str:
-    "The string MLflow stores for a param value: scalars as `str`, everything else as compact JSON"
+def param_value(v, where:str='param') -> str:
+    "The string MLflow stores for a param value: scalars as `str`, lists, dicts and the like as compact JSON"
     if isinstance(v, str): return v
     if v is None or isinstance(v, (bool, int, float)): return str(v)
-    try: return json.dumps(to_jsonable(v), separators=(',', ':'))
-    except TypeError: return str(v)
+    return json.dumps(to_jsonable(v, where), separators=(',', ':'))  # anything else is a TypeError naming `where`
 
 def flatten_params(params:Mapping, prefix:str='') -> dict[str, str]:
-    "`params` flattened to `{dotted.key: str}`, with secret-named keys and URI passwords redacted"
+    "`params` flattened to `{dotted.key: str}`, redacted (secret-named keys, secrets inside values and lists)"
     out = {}
     for k, v in params.items():
         key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v: out.update(flatten_params(v, key))
-        else: out[key] = param_value(v)
+        if isinstance(v, Mapping) and v: flat = flatten_params(v, key)
+        else: flat = {key: param_value(redact(v), f"param {key!r}")}
+        if clash := set(flat) & set(out):
+            raise ValueError(f"param {sorted(clash)[0]!r} is given twice (as a dotted key and as a nested one); "
+                             "rename one of them")
+        out.update(flat)
     return redact(out) if not prefix else out
 
 # %% ../nbs/api/02_tracker.ipynb #8e818a41
@@ -241,7 +244,9 @@ def sync(self:MLflowTracker) -> dict:
 def close(self:MLflowTracker, status:str='FINISHED'):
     "End open runs, flush, and stop the worker (also run at interpreter exit)"
     while self._stack: self.end_run(status, raise_errors=False)
-    self.flush(timeout=60, raise_errors=False)
+    deadline = time.monotonic() + 60  # a busy store gets a minute; records it did not take go to the spool, never lost
+    while not self.flush(timeout=10, raise_errors=False) and self.online and time.monotonic() < deadline:
+        time.sleep(0.2)
     self.queue.stop()
     if self._artifacts is not None: self._artifacts.close(raise_errors=False)
 
@@ -267,7 +272,7 @@ class TrackedRun:
     def __enter__(self): return self
     def __exit__(self, typ, exc, tb):
         status = 'FINISHED' if typ is None else 'KILLED' if issubclass(typ, KeyboardInterrupt) else 'FAILED'
-        reason = None if typ is None else f"{typ.__name__}: {redact_uri(str(exc))}"[:500]
+        reason = None if typ is None else f"{typ.__name__}: {exc}"[:500]  # redacted by end_run
         if self.local_id not in self.tracker._stack: return False  # already ended inside the block
         self.tracker.end_run(status, run_id=self.local_id, reason=reason, raise_errors=typ is None)
         return False
@@ -389,7 +394,7 @@ def end_run(self:MLflowTracker, status:str='FINISHED', # FINISHED, FAILED or KIL
     real = self.queue.ids.get(local, local)
     if m := self._monitors.pop(real, None) or self._monitors.pop(local, None):
         with contextlib.suppress(Exception): m.finish()
-    if reason: self.queue.push((local, 't', TAG_END_REASON, reason, time.time_ns()))
+    if reason: self.queue.push((local, 't', TAG_END_REASON, redact_text(reason), time.time_ns()))
     self.queue.push((local, 'end', status, int(time.time() * 1000)))
     done = self.flush(timeout=timeout, raise_errors=False)
     if real in self._fluent or local in self._fluent:
@@ -421,13 +426,11 @@ def log_metric(self:MLflowTracker, key:str, # the metric name (MLflow's key rule
     "Queue one metric point; returns at once"
     if self.queue.errors: self.queue.raise_errors()
     if key not in self._keys: self._keys.add(check_key(key, 'metric'))
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try: value = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"metric {key!r}: expected a number, got {type(value).__name__} {value!r}") from None
+    value = value if type(value) is float else metric_value(key, value)
+    step = step if type(step) is int and -2**63 <= step < 2**63 else metric_step(step)
     target = self._stack[-1] if run_id is None and self._stack else self._target(run_id)
     ts = timestamp_ms or time.time_ns() // 1_000_000
-    self.queue.push((target, 'm', key, float(value), int(step or 0), ts))
+    self.queue.push((target, 'm', key, value, step, ts))
 
 @patch
 def log_metrics(self:MLflowTracker, metrics:Mapping, step:int|None=None, run_id:str|None=None):

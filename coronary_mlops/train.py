@@ -498,20 +498,24 @@ def _log_inputs(r:_RunContext, data_dir, split:dict):
     f = r.work/'split.json'; f.write_text(json.dumps(split, indent=1))
     r.tracker.log_artifact(f, 'data')
 
-def _resume(tracker, run_id:str, parts:TrainParts) -> tuple[int, float, int, int]:
-    "Load the run's best checkpoint into `parts`; return (next epoch, best Dice, best epoch, next global step)"
+def _resume_state(tracker, run_id:str) -> dict:
+    "The best checkpoint of the run to resume, checked against its manifest; read before the run is touched"
     state = tracker.artifacts.best_checkpoint(run_id)
     if state is None: raise ValueError(f"Run {run_id} has no checkpoint to resume from (no {TAG_BEST_CHECKPOINT} tag)")
+    return state
+
+def _resume(tracker, run_id:str, parts:TrainParts, state:dict) -> tuple[int, float, int, int]:
+    "Load `state` into `parts`; return (next epoch, best Dice, best epoch, next global step) from the run"
     parts.load(state)
     history = lambda key: tracker.client.get_metric_history(run_id, key)
     last = max((h.step for h in history('train_loss')), default=-1)
     best_epoch = int(tracker.get_run_info(run_id).tags.get(TAG_BEST_EPOCH, -1))
     return last + 1, max((d.value for d in history('val_dice')), default=-1.0), best_epoch, len(history('train/loss'))
 
-def _begin(r:_RunContext, parts:TrainParts, data_dir, split:dict, resume:str|None) -> tuple[EarlyStopping, range, int]:
+def _begin(r:_RunContext, parts:TrainParts, data_dir, split:dict, resume:dict|None) -> tuple[EarlyStopping, range, int]:
     "Log a new run's inputs, or reload the run being resumed; return (the decider, the epochs to run, the next step)"
     stopper, start, step = EarlyStopping(r.cfg.patience, r.cfg.min_delta), 0, 0
-    if resume: start, stopper.best, stopper.best_epoch, step = _resume(r.tracker, r.run_id, parts)
+    if resume is not None: start, stopper.best, stopper.best_epoch, step = _resume(r.tracker, r.run_id, parts, resume)
     else: _log_inputs(r, data_dir, split)
     return stopper, range(start, start + r.cfg.epochs), step
 
@@ -600,9 +604,10 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
     work.mkdir(parents=True, exist_ok=True)
     ds = make_datasets(cfg, data_dir, synthetic, work, phantom)
     loaders, parts = make_loaders(ds, cfg, proc), build_parts(cfg, proc, amp)
+    state = _resume_state(tracker, resume) if resume else None  # a bad checkpoint leaves the old run untouched
     with tracker.start_run(run_name=run_name, resume_run_id=resume, tags={TAG_TASK: 'coronary-segmentation'}) as run:
         r = _RunContext(tracker, run.run_id, cfg, proc, amp, work, progress)
-        stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], resume)
+        stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], state)
         history = _run_epochs(r, parts, loaders, stopper, epochs, step)
         result = _end(r, parts.model, ds['test'], stopper, history, onnx)
     if register and result.model_uri:

@@ -16,7 +16,7 @@ from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.utils.mlflow_tags import LATEST_CHECKPOINT_ARTIFACT_TAG_KEY
 from fastcore.basics import patch
 from tqdm.auto import tqdm
-from .config import Settings, check_reachable
+from .config import Settings, check_reachable, probe_server, redact, redact_text
 from .layout import FILE_NAMES, TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, epoch_dir, is_figure, safe_join
 from .storage import (atomic_torch_save, dumps_json, epoch_summary, gunzip_sha256, gzip_file, pid_alive,
                                     read_json, sha256_file, state_tensors, to_jsonable)
@@ -119,7 +119,8 @@ def _job_spec(run_id, epoch, ts, metrics, meta, plan, has_state, best, prune) ->
         paths[kind] = f"{epoch_dir(kind, epoch)}/{FILE_NAMES[kind]}"
     spec = dict(run_id=run_id, epoch=epoch, timestamp_ms=ts, metrics=to_jsonable(metrics), metadata=meta,
                 checkpoint=ckpt, is_best=bool(best), prune=[epoch_dir('checkpoint', e) for e in prune], paths=paths,
-                inline={rel: to_jsonable(src, rel) for _, src, rel in plan if isinstance(src, Mapping)}, staged={})
+                inline={rel: redact(to_jsonable(src, rel)) for _, src, rel in plan if isinstance(src, Mapping)},
+                staged={})
     return paths, spec
 
 # %% ../nbs/api/01d_uploader.ipynb #802db196
@@ -171,6 +172,8 @@ def _run_job(self:EpochUploader, job:Path, state=None, spool_on_failure:bool=Tru
     _render(job, spec)
     if state is not None:
         atomic_torch_save(state, safe_join(job/'tree', spec['checkpoint'])); self._release(state); del state
+    elif spec['checkpoint'] and not safe_join(job/'tree', spec['checkpoint']).exists():
+        spec['checkpoint_lost'] = True  # recovered after its process died before the worker wrote the weights
     err = None
     for attempt in range(self.retries):
         try:
@@ -185,7 +188,9 @@ def _run_job(self:EpochUploader, job:Path, state=None, spool_on_failure:bool=Tru
             err = e
             if attempt + 1 < self.retries: time.sleep(self.backoff * 2**attempt)
     if not spool_on_failure: raise err
-    return self._spool(job, spec, err)
+    if isinstance(err, ConnectionError) or not probe_server(self.settings.tracking_uri):
+        return self._spool(job, spec, err)
+    return self._set_aside(job, spec, err)  # the store answers and still refuses this epoch: it must not block others
 
 # %% ../nbs/api/01d_uploader.ipynb #d516b67d
 @patch
@@ -198,7 +203,18 @@ def _spool(self:EpochUploader, job:Path, spec:dict, err:Exception) -> bool:
                                   f"nor spooled to {dst} ({e}); its files are still in {job}") from e
     log.warning("Could not upload epoch %s of run %s after %s attempts (%s: %s); spooled it to %s. "
                 "Run replay_spool() once the store is back.", spec['epoch'], spec['run_id'], self.retries,
-                type(err).__name__, str(err)[:200], dst)
+                type(err).__name__, redact_text(str(err))[:200], dst)
+    return False
+
+@patch
+def _set_aside(self:EpochUploader, job:Path, spec:dict, err:Exception) -> bool:
+    "Move a job the store refuses to `<spool>/rejected/`, and keep an error naming it for the next `flush`; False"
+    dst = self.spool_dir/'rejected'/job.name
+    dst.parent.mkdir(parents=True, exist_ok=True); shutil.move(str(job), dst)
+    e = ArtifactUploadError(f"The store refused epoch {spec['epoch']} of run {spec['run_id']} ({type(err).__name__}: "
+                            f"{redact_text(str(err))[:300]}); its files are kept in {dst}. "
+                            "Later epochs are not held back.")
+    log.warning("%s", e); self._errors.append(e)
     return False
 
 # %% ../nbs/api/01d_uploader.ipynb #cf2edbe2
@@ -231,12 +247,15 @@ def _process(self:EpochUploader, job:Path, spec:dict):
         entries.append(e)
         if e.get('dedup'): dedup_bytes += e['size']
         else: up_bytes += e.get('stored_size', e['size']); up_files += 1
+    if spec.get('checkpoint_lost'):  # listed, so that verify reports it missing
+        entries.append(dict(path=spec['checkpoint'], stored=spec['checkpoint'], size=0, lost=True))
     manifest = dict(run_id=run_id, epoch=epoch, timestamp_ms=spec['timestamp_ms'], files=entries)
     safe_join(tree, mpath).parent.mkdir(parents=True, exist_ok=True)
     up_bytes += safe_join(tree, mpath).write_text(dumps_json(manifest)); up_files += 1
     self.upload_tree(run_id, tree)
     for e in entries:
-        if not e.get('dedup') and not e['path'].startswith('checkpoints/'): index.setdefault(e['sha256'], e)
+        if not (e.get('dedup') or e.get('lost') or e['path'].startswith('checkpoints/')):
+            index.setdefault(e['sha256'], e)
     with self._lock: self._manifests.setdefault(run_id, {})[epoch] = manifest
     self._log_epoch_metrics(run_id, spec, up_bytes, up_files, dedup_bytes, time.perf_counter() - t0)
     for folder in spec['prune']: self._prune(run_id, folder)
@@ -270,8 +289,11 @@ def upload_tree(self:EpochUploader, run_id:str, tree:Path):
         if os.stat(root).st_dev == os.stat(tree).st_dev:
             for f in (p for p in tree.rglob('*') if p.is_file()):
                 dst = safe_join(root, f.relative_to(tree).as_posix()); dst.parent.mkdir(parents=True, exist_ok=True)
+                if dst.exists() and os.path.samefile(f, dst): continue  # a retry: already in place
                 tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-                os.link(f, tmp); os.replace(tmp, dst)
+                os.link(f, tmp)
+                try: os.replace(tmp, dst)  # a no-op when both names are links of one file: then tmp stays...
+                finally: tmp.unlink(missing_ok=True)  # ...so it is removed either way
             return
     repo.log_artifacts(str(tree))
 
@@ -284,7 +306,7 @@ def _log_epoch_metrics(self:EpochUploader, run_id, spec, up_bytes, up_files, ded
     ms += [Metric(f'artifacts/{k}', float(v), ts, step) for k, v in
            dict(bytes=up_bytes, files=up_files, dedup_bytes=dedup_bytes, seconds=seconds).items()]
     tags = []
-    if spec['checkpoint'] and spec['is_best']:
+    if spec['checkpoint'] and spec['is_best'] and not spec.get('checkpoint_lost'):  # tags name files that exist
         tags = [RunTag(k, v) for k, v in {LATEST_CHECKPOINT_ARTIFACT_TAG_KEY: spec['checkpoint'],
                                           TAG_BEST_CHECKPOINT: spec['checkpoint'], TAG_BEST_EPOCH: str(step)}.items()]
     for i in range(0, max(len(ms), 1), 1000):  # one store transaction per epoch, the best-checkpoint tags with it
@@ -297,8 +319,9 @@ def _run_index(self:EpochUploader, run_id:str) -> dict:
     with self._lock:
         if run_id not in self._index:
             self._manifests[run_id] = self.reader.manifests(run_id)
-            self._index[run_id] = {e['sha256']: e for m in self._manifests[run_id].values() for e in m['files']
-                                   if not (e.get('dedup') or e.get('pruned') or e['path'].startswith('checkpoints/'))}
+            skip = lambda e: e.get('dedup') or e.get('pruned') or e.get('lost') or e['path'].startswith('checkpoints/')
+            files = [e for m in self._manifests[run_id].values() for e in m['files']]
+            self._index[run_id] = {e['sha256']: e for e in files if not skip(e)}
         return self._index[run_id]
 
 # %% ../nbs/api/01d_uploader.ipynb #e7d10779
@@ -350,13 +373,16 @@ def spooled(self:EpochUploader, run_id:str|None=None) -> list[Path]:
 
 @patch
 def replay_spool(self:EpochUploader, run_id:str|None=None, quiet:bool=False) -> int:
-    "Upload spooled epochs into their runs, in order; stop at the first that still fails. Return how many went up"
+    "Upload spooled epochs into their runs, in epoch order; set aside what the store refuses. Return how many went up"
     n = 0
     for job in tqdm(self.spooled(run_id), desc='replaying spool', disable=quiet, leave=False):
         try: self._run_job(job, spool_on_failure=False)
         except Exception as e:
-            if not quiet: log.warning("Replay stopped at %s: %s", job.name, e)
-            break
+            if isinstance(e, ConnectionError) or not probe_server(self.settings.tracking_uri):
+                if not quiet: log.warning("Replay stopped at %s: %s", job.name, e)
+                break  # the store is away: everything waits, in order
+            self._set_aside(job, read_json((job/'job.json').read_text()), e)
+            continue
         n += 1
     return n
 

@@ -35,7 +35,7 @@ browser:
 	  echo "chromium is not installed (apt-get install chromium): the browser tests will be skipped"
 
 test-py: install browser
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 test: sync-check test-nbs test-py
 	$(BIN)/python tools/build_docs.py --check

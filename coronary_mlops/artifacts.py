@@ -100,7 +100,7 @@ def log_epoch(self:MLflowArtifactManager,
             **redact(to_jsonable(meta, 'metadata')), 'epoch': epoch}
     no_state = (False, bool(is_best), [])
     save, best, prune = self._policy(run_id).decide(epoch, metrics, is_best) if model_state is not None else no_state
-    state = snapshot_state(model_state, alloc=self.uploader.alloc) if save else None
+    state = self.uploader.snapshot(model_state) if save else None
     return self.uploader.stage(run_id, epoch, ts, metrics, meta, plan, state, best, prune)
 
 # %% ../nbs/api/01_artifacts.ipynb #5686f396

@@ -11,12 +11,14 @@ from dataclasses import fields
 from pathlib import Path
 from typing import get_type_hints
 from fastcore.docments import docments
-from .config import load_settings, redact_uri, Settings, SettingsError
+from .config import load_settings, probe_server, redact_uri, Settings, SettingsError
 from .data import DataError, PhantomConfig
+from .tracker import MLflowTracker
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'add_train_options', 'cli_parser', 'main']
+__all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'sync_store', 'add_train_options', 'cli_parser',
+           'main']
 
 # %% ../nbs/api/07_cli.ipynb #47cefb3e
 def store_report(s:Settings) -> str:
@@ -26,8 +28,11 @@ def store_report(s:Settings) -> str:
         lines += [f"store folder : {s.store_dir}  (embedded SQLite store, no server)",
                   f"artifacts    : {s.artifact_location}"]
     ui = f"make ui  (or: {s.ui_command()})" if s.is_embedded else s.ui_command()
-    lines += [f"open the UI  : {ui}", "notebooks    : make lab, then open nbs/tutorials/01_quickstart.ipynb, "
-                                      "or ArtifactBrowser() in any notebook"]
+    there = Path(s.tracking_uri.removeprefix('sqlite:///')).exists() if s.is_embedded else probe_server(s.tracking_uri)
+    try: exp = s.client().get_experiment_by_name(s.experiment_name) if there else None  # `info` creates no store
+    except Exception: exp = None  # a server that refuses us: the report still says where runs go
+    lines += [f"open the UI  : {ui}", f"then browse  : {s.ui_url(exp.experiment_id if exp else None)}",
+              "notebooks    : make lab, then open nbs/tutorials/01_quickstart.ipynb, or ArtifactBrowser() in any notebook"]
     return '\n'.join(lines)
 
 # %% ../nbs/api/07_cli.ipynb #243df436
@@ -90,7 +95,20 @@ def ui(s:Settings, port:int=5000) -> int:
     if not s.is_embedded: print(s.ui_command()); return 0
     cmd = [sys.executable, '-m', 'mlflow', *shlex.split(s.ui_command(port))[1:]]
     print('$', shlex.join(cmd))
+    print('then open', s.ui_url(port=port))
     return subprocess.call(cmd)
+
+# %% ../nbs/api/07_cli.ipynb #87ba08d2
+def sync_store(s:Settings) -> int:
+    "Replay the spooled records and epochs of `s`'s store (`MLflowTracker.sync`); print what went up; 0 if all did"
+    tr = MLflowTracker(settings=s)
+    try: r = tr.sync()
+    except Exception as e: print(f"coronary-mlops sync: {e}", file=sys.stderr); return 1
+    finally: tr.close()
+    left = len(tr.artifacts.spooled())
+    print(f"replayed {r['records']} records and {r['epochs']} epochs into {redact_uri(s.tracking_uri)}; "
+          f"{r['pending']} records and {left} epochs still wait")
+    return 0 if r['pending'] == 0 and left == 0 else 1
 
 # %% ../nbs/api/07_cli.ipynb #fc7660b2
 _ALIASES = {'learning_rate': ('--lr',), 'roi_size': ('--roi',)}  # the short spellings the README uses
@@ -131,7 +149,7 @@ def _store_options(p:argparse.ArgumentParser, default=None):
 
 # %% ../nbs/api/07_cli.ipynb #584b4f28
 def cli_parser() -> argparse.ArgumentParser:
-    "The `coronary-mlops` command's parser: `info`, `train`, `demo` and `ui`"
+    "The `coronary-mlops` command's parser: `info`, `train`, `demo`, `ui` and `sync`"
     p = argparse.ArgumentParser(prog='coronary-mlops', description="Notebook-first MLOps for coronary segmentation")
     _store_options(p)
     sub = p.add_subparsers(dest='command', required=True)
@@ -156,6 +174,7 @@ def cli_parser() -> argparse.ArgumentParser:
         c.add_argument('--device', help="cpu, cuda or cuda:N (default: CUDA when present)")
         add_train_options(c, defaults)
     cmd('ui', "open the MLflow UI on the store").add_argument('--port', type=int, default=5000)
+    cmd('sync', "upload what an outage or a killed process left in the local spool")
     return p
 
 # %% ../nbs/api/07_cli.ipynb #516c796d
@@ -169,6 +188,7 @@ def main(argv:list[str]|None=None) -> int:
         for k, v in s.as_params().items(): print(f"  {k:22} {v:60} {s.sources.get(k, 'default')}")
         return 0
     if a.command == 'ui': return ui(s, a.port)
+    if a.command == 'sync': return sync_store(s)
     opts = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
     try:
         if a.command == 'demo': demo(s, synthetic=a.synthetic, device=a.device, **opts)

@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/config.html.md"""
 
 # %% ../nbs/api/00_config.ipynb #feae68c9
 from __future__ import annotations
-import configparser, contextlib, difflib, os, re
+import configparser, contextlib, difflib, os, re, warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
@@ -20,10 +20,11 @@ from mlflow.exceptions import MlflowException
 
 # %% auto #0
 __all__ = ['SECTIONS', 'DEFAULTS', 'SECTION_OF', 'ENV_ALIASES', 'ENV_PREFIX', 'LOCATOR_VARS', 'SECRET_MARKERS', 'REDACTED',
-           'CHOICES', 'MINIMUM', 'TRACKING_SCHEMES', 'SettingsError', 'is_secret_name', 'redact_uri', 'redact_text',
-           'redact', 'check_store_uri', 'parse_value', 'find_settings_file', 'find_env_file', 'read_settings_ini',
-           'read_env', 'default_store_dir', 'sqlite_uri', 'Settings', 'load_settings', 'get_or_create_experiment',
-           'env_override', 'probe_server', 'check_reachable', 'is_permanent']
+           'CHOICES', 'MINIMUM', 'TRACKING_SCHEMES', 'EXPERIMENT_KIND_TAG', 'MODEL_TRAINING', 'SettingsError',
+           'is_secret_name', 'redact_uri', 'redact_text', 'redact', 'check_store_uri', 'parse_value',
+           'find_settings_file', 'find_env_file', 'read_settings_ini', 'SettingsWarning', 'read_env',
+           'default_store_dir', 'sqlite_uri', 'Settings', 'load_settings', 'get_or_create_experiment', 'env_override',
+           'probe_server', 'check_reachable', 'is_permanent']
 
 # %% ../nbs/api/00_config.ipynb #66e41009
 SECTIONS = {
@@ -207,7 +208,14 @@ def read_settings_ini(path:Path) -> dict:
     return out
 
 # %% ../nbs/api/00_config.ipynb #5058ab39
-def read_env(environ:Mapping, where:str='environment') -> dict:
+class SettingsWarning(UserWarning):
+    "An environment variable with the kit's prefix that names no setting: ignored, as MLflow ignores unknown ones"
+
+_WARNED = set()
+
+def read_env(environ:Mapping, where:str='environment',
+             strict:bool=True, # an unknown `CORONARY_MLOPS_*` name is an error; else a warning (once) and ignored
+            ) -> dict:
     "The settings that `environ` sets: MLflow's own names and `CORONARY_MLOPS_<KEY>`"
     out = {}
     for name, v in environ.items():
@@ -215,8 +223,10 @@ def read_env(environ:Mapping, where:str='environment') -> dict:
         if name in ENV_ALIASES: out[ENV_ALIASES[name]] = v
         elif name.startswith(ENV_PREFIX):
             key = name[len(ENV_PREFIX):].lower()
-            if key not in DEFAULTS: raise _unknown(name, where, key)
-            out[key] = v
+            if key in DEFAULTS: out[key] = v
+            elif strict: raise _unknown(name, where, key)
+            elif name not in _WARNED:
+                _WARNED.add(name); warnings.warn(f"{_unknown(name, where, key)} It is ignored.", SettingsWarning, stacklevel=2)
     return out
 
 # %% ../nbs/api/00_config.ipynb #4af12e7c
@@ -291,7 +301,7 @@ def load_settings(settings_file:str|Path|bool|None=None, # `settings.ini`; found
     envf = Path(env_file) if env_file else find_env_file(ini, environ)
     layers = [('settings.ini', f"settings.ini {str(ini)!r}", read_settings_ini(ini) if ini else {}),
               ('.env', f".env {str(envf)!r}", read_env(dotenv_values(envf), '.env') if envf and envf.is_file() else {}),
-              ('environment', 'environment', read_env(environ)),
+              ('environment', 'environment', read_env(environ, strict=False)),
               ('argument', 'argument', {k: v for k, v in kwargs.items() if v is not None})]
     vals, src = dict(DEFAULTS), {}
     for layer, where, found in layers:
@@ -343,7 +353,15 @@ def ui_command(self:Settings, port:int=5000) -> str:
     return (f"mlflow ui --backend-store-uri {self.tracking_uri} "
             f"--artifacts-destination {(db.parent/'artifacts').as_posix()} --port {port}")
 
+@patch
+def ui_url(self:Settings, experiment_id:str|None=None, port:int=5000) -> str:
+    "The UI's page of `experiment_id` (or its experiments list) in the Model training view"
+    base = f"http://127.0.0.1:{port}" if _sqlite_path(self.tracking_uri) else redact_uri(self.tracking_uri).rstrip('/')
+    return f"{base}/#/experiments{'/' + str(experiment_id) if experiment_id else ''}?workflowType=machine_learning"
+
 # %% ../nbs/api/00_config.ipynb #be69cea6
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = 'mlflow.experimentKind', 'custom_model_development'  # the values MLflow's UI reads
+
 def get_or_create_experiment(settings:Settings, # the store, and the default experiment name
                              client=None, # a client on the store; `settings.client()` when None
                              name:str|None=None, # the experiment; `settings.experiment_name` when None
@@ -357,6 +375,7 @@ def get_or_create_experiment(settings:Settings, # the store, and the default exp
     if exp is not None: return exp.experiment_id
     safe = re.sub(r'[^A-Za-z0-9_.-]', '_', name)
     loc = artifact_location or (f"{settings.artifact_location}/{safe}" if settings.artifact_location else None)
+    tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING, **(tags or {})}  # the UI's Model training view, not GenAI's
     try: return client.create_experiment(name, artifact_location=loc, tags=tags)
     except MlflowException:  # another process created it between the lookup and here
         if (exp := client.get_experiment_by_name(name)) is not None: return exp.experiment_id

@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/data.html.md"""
 
 # %% ../nbs/api/04_data.ipynb #7d0a6dd3
 from __future__ import annotations
-import json, math, re
+import gzip, hashlib, json, math, re, zlib
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Sequence
@@ -20,8 +20,9 @@ from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, Ens
                               RandShiftIntensityd, ScaleIntensityRanged, Spacingd, SpatialPadd, MapTransform)
 
 # %% auto #0
-__all__ = ['IMAGE_DIRS', 'LABEL_DIRS', 'PhantomConfig', 'make_phantom', 'save_nifti', 'generate_phantoms', 'DataError',
-           'discover', 'check_pairs', 'split_cases', 'CheckBinaryLabeld', 'find_cause', 'transforms', 'datasets']
+__all__ = ['IMAGE_DIRS', 'LABEL_DIRS', 'CT_WINDOW', 'PhantomConfig', 'make_phantom', 'save_nifti', 'generate_phantoms',
+           'DataError', 'discover', 'read_header', 'check_pairs', 'dataset_digest', 'split_cases', 'CheckBinaryLabeld',
+           'find_cause', 'transforms', 'datasets']
 
 # %% ../nbs/api/04_data.ipynb #b6192bda
 @dataclass
@@ -204,24 +205,64 @@ def discover(data_dir) -> list[dict]:
                     "For synthetic data, run `coronary-mlops train --synthetic N` or `generate_phantoms(N, folder)`.")
 
 # %% ../nbs/api/04_data.ipynb #45f92ece
-def _header(path:str) -> tuple[tuple, tuple]:
-    "(shape, spacing) from a volume's header, without reading its voxels"
-    if path.lower().endswith('.nrrd'):
-        import nrrd
-        h = nrrd.read_header(path)
-        dirs = np.asarray(h.get('space directions', np.eye(len(h['sizes']))), float)
-        return tuple(int(s) for s in h['sizes']), tuple(float(np.linalg.norm(d)) for d in dirs)
-    img = nib.load(path)
-    return tuple(img.shape[:3]), tuple(float(z) for z in img.header.get_zooms()[:3])
+def _nifti_complete(path:str, img) -> str|None:
+    "Why a NIfTI file's voxel data cannot all be there (from its size or its gzip trailer), or None"
+    h = img.header
+    need = int(getattr(img.dataobj, 'offset', h['vox_offset'])) + math.prod(img.shape) * h.get_data_dtype().itemsize
+    if not path.lower().endswith('.gz'):
+        have = Path(path).stat().st_size
+        return None if have >= need else f"it is truncated: {have:,} bytes, its header needs {need:,}"
+    with open(path, 'rb') as f: f.seek(-4, 2); isize = int.from_bytes(f.read(4), 'little')
+    if isize == need % 2**32: return None  # gzip's trailer: the uncompressed size mod 2**32
+    try:  # a multi-member gzip (pigz) has only its last member's size there: count the bytes to be sure
+        with gzip.open(path, 'rb') as f: have = sum(len(b) for b in iter(lambda: f.read(1 << 24), b''))
+    except (OSError, EOFError, zlib.error) as e: return f"its gzip stream is damaged or truncated ({e})"
+    return None if have >= need else f"it is truncated: {have:,} bytes uncompressed, its header needs {need:,}"
+
+def read_header(path:str) -> tuple[tuple, tuple]:
+    "(shape, spacing) of a 3-D volume from its header, without reading its voxels; a `DataError` names a bad file"
+    try:
+        if path.lower().endswith('.nrrd'):
+            import nrrd
+            h = nrrd.read_header(path)
+            shape = tuple(int(s) for s in h['sizes'])
+            dirs = np.asarray(h.get('space directions', np.eye(len(shape))), float)
+            spacing, why = tuple(float(np.linalg.norm(d)) for d in dirs), None
+        else:
+            img = nib.load(path)
+            shape, spacing = tuple(img.shape), tuple(float(z) for z in img.header.get_zooms()[:3])
+            why = _nifti_complete(path, img)
+    except Exception as e:  # nibabel's ImageFileError, gzip's BadGzipFile, pynrrd's NRRDError, OSError
+        raise DataError(f"{path} cannot be read as a NIfTI or NRRD volume ({type(e).__name__}: {e}). "
+                        "Is it an image file, and is a .nii.gz really gzip-compressed?") from None
+    if why: raise DataError(f"{path} cannot be used: {why}. Copy or export it again.")
+    if len(shape) == 4 and shape[3] == 1: shape = shape[:3]
+    if len(shape) != 3:
+        raise DataError(f"{path} is {len(shape)}-D (shape {shape}); the kit trains on single 3-D volumes. "
+                        "For a 4-D series (cardiac phases), save the phase to train on as its own file.")
+    return shape, spacing
 
 def check_pairs(cases:Sequence[dict], atol_mm:float=1e-3) -> list[dict]:
     "`cases`, once every image/label pair has matching shapes and spacings; a `DataError` names the first that has not"
     for c in tqdm(cases, desc='checking headers', leave=False, disable=len(cases) < 50):
-        (si, pi), (sl, pl) = _header(c['image']), _header(c['label'])
+        (si, pi), (sl, pl) = read_header(c['image']), read_header(c['label'])
         if si != sl: raise DataError(f"Shapes differ: image {c['image']} is {si}, label {c['label']} is {sl}")
         if not np.allclose(pi, pl, atol=atol_mm):
             raise DataError(f"Spacings differ: image {c['image']} has {pi} mm, label has {pl} mm")
     return list(cases)
+
+# %% ../nbs/api/04_data.ipynb #9e234bd1
+def dataset_digest(cases:Sequence[dict], n:int=16) -> str:
+    "A hex digest of `cases`' image and label files: names, sizes, and each file's first and last 64 KiB"
+    h = hashlib.sha256()
+    for c in sorted(cases, key=lambda c: Path(c['image']).name):
+        for key in ('image', 'label'):
+            p = Path(c[key]); size = p.stat().st_size
+            h.update(f"{key}:{p.name}:{size}\n".encode())
+            with open(p, 'rb') as f:
+                h.update(f.read(1 << 16))
+                if size > 1 << 17: f.seek(-(1 << 16), 2); h.update(f.read())
+    return h.hexdigest()[:n]
 
 # %% ../nbs/api/04_data.ipynb #508002e9
 def split_cases(cases:Sequence[dict], fractions:Sequence[float]=(0.7, 0.15, 0.15),
@@ -262,16 +303,20 @@ def find_cause(e:BaseException, kind=None) -> BaseException|None:
     return None
 
 # %% ../nbs/api/04_data.ipynb #9ad12fbb
+CT_WINDOW = (-200.0, 700.0)  # HU mapped to [0, 1]: contrast-filled lumen and soft tissue, not bone or air
+_LPS_LABELS = (('L', 'R'), ('P', 'A'), ('I', 'S'))  # MONAI's default to date: given, so no FutureWarning says it changes
+
 def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random crops
                pixdim=(0.8, 0.8, 0.8),      # spacing (mm) every volume is resampled to
-               window=(-200.0, 700.0),      # the CT window (HU) mapped to [0, 1]
+               window=CT_WINDOW,            # the CT window (HU) mapped to [0, 1]
                train:bool=True,             # add random patches and augmentation
                num_samples:int=2,           # random patches per volume when `train`
               ) -> Compose:
     "MONAI dictionary transforms for coronary CTA: load, orient, resample, window, crop; random patches when `train`"
     keys = ['image', 'label']
     t = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), CheckBinaryLabeld('label'),
-         Orientationd(keys, axcodes='RAS'), Spacingd(keys, pixdim=pixdim, mode=('bilinear', 'nearest')),
+         Orientationd(keys, axcodes='RAS', labels=_LPS_LABELS),
+         Spacingd(keys, pixdim=pixdim, mode=('bilinear', 'nearest')),
          ScaleIntensityRanged('image', a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
          CropForegroundd(keys, source_key='image', select_fn=lambda x: x > 0.05, margin=4, allow_smaller=True)]
     if train:

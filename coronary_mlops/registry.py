@@ -53,9 +53,11 @@ def _refusal(action:str, settings:Settings):
 
 # %% ../nbs/api/03_registry.ipynb #5b8a741a
 def model_name(experiment:str, project:str|None=None, settings:Settings|None=None) -> str:
-    "The default registered-model name `<project>-<experiment>`, made safe for MLflow and model URIs"
+    "The default registered-model name: `<project>-<experiment>`, or the experiment's if it starts with the project"
     project = project or (settings or load_settings()).project_name
-    name = re.sub(r'[^\w.\-]', '_', f"{project}-{experiment}".strip().replace(' ', '_'), flags=re.ASCII)
+    exp = experiment.strip()
+    own = re.match(rf'{re.escape(project)}(?![A-Za-z0-9])', exp, flags=re.IGNORECASE)
+    name = re.sub(r'[^\w.\-]', '_', (exp if own else f"{project}-{exp}").replace(' ', '_'), flags=re.ASCII)
     return re.sub(r'_+', '_', name)[:MAX_ENTITY_KEY_LENGTH]
 
 # %% ../nbs/api/03_registry.ipynb #f3f2f0be

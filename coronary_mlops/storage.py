@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/storage.html.md"""
 
 # %% ../nbs/api/01b_storage.ipynb #b3f0f355
 from __future__ import annotations
-import gzip, hashlib, json, math, os, pickle, re, socket, subprocess, sys, uuid
+import gzip, hashlib, json, math, mmap, os, pickle, re, socket, subprocess, sys, uuid
 from dataclasses import asdict, is_dataclass
 from datetime import date, datetime
 from enum import Enum
@@ -20,8 +20,8 @@ from .config import redact
 # %% auto #0
 __all__ = ['NONFINITE', 'CHUNK', 'to_jsonable', 'dumps_json', 'read_json', 'sha256_file', 'is_gzip', 'gunzip_sha256', 'gzip_file',
            'pid_alive', 'sweep_stale_temps', 'atomic_torch_save', 'UnsafeCheckpointError', 'load_checkpoint',
-           'snapshot_state', 'state_tensors', 'software_versions', 'training_context', 'fmt_value', 'epoch_summary',
-           'CheckpointPolicy']
+           'snapshot_state', 'state_tensors', 'Slab', 'read_slab', 'skeleton', 'from_skeleton', 'software_versions',
+           'training_context', 'fmt_value', 'epoch_summary', 'CheckpointPolicy']
 
 # %% ../nbs/api/01b_storage.ipynb #cb2211c7
 NONFINITE = {'NaN': math.nan, 'Infinity': math.inf, '-Infinity': -math.inf}
@@ -168,6 +168,59 @@ def state_tensors(state):
         for v in state.values(): yield from state_tensors(v)
     elif isinstance(state, (list, tuple)):
         for v in state: yield from state_tensors(v)
+
+# %% ../nbs/api/01b_storage.ipynb #6ecc6685
+_PAGE = mmap.PAGESIZE
+
+class Slab:
+    "A file in the staging folder, mapped into memory, with one page-aligned region per tensor of a state"
+    def __init__(self, path:Path, key:tuple): # key: ((shape, dtype), ...) of the state's tensors, depth first
+        self.path, self.key, self.layout, self.tensors, off = Path(path), key, [], [], 0
+        for shape, dtype in key:
+            nb = math.prod(shape) * dtype.itemsize
+            self.layout.append([off, str(dtype).removeprefix('torch.'), list(shape)]); off += -(-nb // _PAGE) * _PAGE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, 'wb') as f: f.truncate(max(off, 1))
+        self.tensors = [self._view(o, shape, dtype) for (o, _, _), (shape, dtype) in zip(self.layout, key)]
+
+    def _view(self, off:int, shape:tuple, dtype:torch.dtype) -> torch.Tensor:
+        nb = math.prod(shape) * dtype.itemsize
+        if nb == 0: return torch.empty(shape, dtype=dtype)
+        mm = np.memmap(self.path, np.uint8, 'r+', offset=off, shape=(nb,))
+        return torch.from_numpy(mm).view(dtype).view(shape)
+
+    def drop(self): self.tensors = []; self.path.unlink(missing_ok=True)
+
+def read_slab(path, layout:list) -> list[torch.Tensor]:
+    "The tensors of a slab file, read back (for an epoch whose process died before its checkpoint was written)"
+    out = []
+    for off, dtype, shape in layout:
+        dt = getattr(torch, dtype); nb = math.prod(shape) * dt.itemsize
+        if nb == 0: out.append(torch.empty(shape, dtype=dt)); continue
+        a = np.fromfile(path, np.uint8, count=nb, offset=off)
+        if a.size != nb: raise ValueError(f"{path} is shorter than its layout says ({a.size} of {nb} bytes at {off})")
+        out.append(torch.from_numpy(a).view(dt).view(shape))
+    return out
+
+# %% ../nbs/api/01b_storage.ipynb #dd710cf1
+def skeleton(state, n:list|None=None):
+    "A JSON-able picture of a snapshot's containers, keys and plain values, its tensors numbered depth first"
+    n = [0] if n is None else n
+    if isinstance(state, torch.Tensor): n[0] += 1; return {'t': n[0] - 1}
+    if isinstance(state, Mapping):
+        if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in state):
+            raise TypeError("only str and int keys can be described")
+        return {'d': [[k, skeleton(v, n)] for k, v in state.items()]}
+    if isinstance(state, (list, tuple)): return {'l' if isinstance(state, list) else 'u': [skeleton(v, n) for v in state]}
+    return {'v': state}
+
+def from_skeleton(sk:dict, tensors:list):
+    "The state a `skeleton` describes, with its tensors"
+    if 't' in sk: return tensors[sk['t']]
+    if 'd' in sk: return {k: from_skeleton(v, tensors) for k, v in sk['d']}
+    if 'l' in sk: return [from_skeleton(v, tensors) for v in sk['l']]
+    if 'u' in sk: return tuple(from_skeleton(v, tensors) for v in sk['u'])
+    return sk['v']
 
 # %% ../nbs/api/01b_storage.ipynb #7295af52
 def _git_commit(cwd=None) -> str|None:

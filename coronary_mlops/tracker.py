@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 import requests
 import mlflow
-from mlflow.entities import RunTag, ViewType
+from mlflow.entities import Dataset, DatasetInput, InputTag, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from fastcore.basics import patch
-from .config import (Settings, load_settings, get_or_create_experiment, redact, redact_text, redact_uri,
-                                   env_override, is_permanent)
+from .config import (EXPERIMENT_KIND_TAG, MODEL_TRAINING, Settings, load_settings, get_or_create_experiment,
+                                   redact, redact_text, redact_uri, env_override, is_permanent)
 from .layout import TAG_END_REASON, TAG_OFFLINE_ID, check_key, check_name, metric_step, metric_value
 from .storage import to_jsonable
 from .uploader import move_spooled_run
@@ -167,7 +169,7 @@ def _fast_fail():
 # %% ../nbs/api/02_tracker.ipynb #ea0d0579
 @patch(as_prop=True)
 def experiment_id(self:MLflowTracker) -> str:
-    "The experiment's id, created (or tagged) on first use"
+    "The experiment's id, created (or tagged, and given a kind if it has none) on first use"
     if self._experiment_id is None:
         exp = self.client.get_experiment_by_name(self.experiment_name)
         if exp is not None and exp.lifecycle_stage == 'deleted':
@@ -178,6 +180,7 @@ def experiment_id(self:MLflowTracker) -> str:
         except MlflowException as e:
             raise kit_error(e, f"create experiment {self.experiment_name!r}", self.settings.tracking_uri) from None
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags: self.client.set_experiment_tag(eid, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             for k, v in self.experiment_tags.items():
                 if exp.tags.get(k) != str(v): self.client.set_experiment_tag(eid, k, str(v))
         self._experiment_id = eid
@@ -193,6 +196,8 @@ def _send_step(self:MLflowTracker, step, run_id:str|None):
         self.client.log_batch(run_id, metrics=step[2], params=list(step[3].values()), tags=list(step[4].values()))
     elif kind == 'end': self.client.set_terminated(run_id, rec[2], end_time=rec[3])
     elif kind == 'text': self.client.log_text(run_id, rec[3], rec[2])
+    elif kind == 'input':
+        self.client.log_inputs(run_id, [DatasetInput(Dataset(**rec[2]), [InputTag(MLFLOW_DATASET_CONTEXT, rec[3])])])
     elif kind == 'a' and (src := Path(rec[2])).exists():
         if src.is_file(): self.client.log_artifact(run_id, str(src), rec[3])
         else: self.client.log_artifacts(run_id, str(src), rec[3])
@@ -234,7 +239,7 @@ def sync(self:MLflowTracker) -> dict:
     before = self.stats['replayed']
     with self.queue.io: self.queue.replay(); self.queue.cycle()
     epochs = 0
-    if self._artifacts is not None or (Path(self.settings.store_dir)/'spool').exists():
+    if self._artifacts is not None or any((Path(self.settings.store_dir)/d).exists() for d in ('spool', 'staging')):
         epochs = self.artifacts.replay_spool()
     self.queue.raise_errors()
     return dict(records=self.stats['replayed'] - before, epochs=epochs, pending=self.pending)
@@ -320,7 +325,8 @@ def start_run(self:MLflowTracker, run_name:str|None=None, # the run's name; MLfl
     if self._stack and not nested and resume_run_id is None:
         raise ValueError(f"Run {self.run_id} is still active: end it first, or pass nested=True for a child run")
     note = {'mlflow.note.content': description} if description else {}
-    tags = {k: str(v) for k, v in redact({**(tags or {}), **note}).items()}
+    context = {} if resume_run_id else resolve_tags()  # MLflow's context providers: user, source, git commit
+    tags = {k: redact_text(str(v)) for k, v in redact({**context, **(tags or {}), **note}).items()}
     for k in tags: check_key(k, 'tag')
     parent = self.run_id if nested else None
     if not self.probe():
@@ -484,6 +490,20 @@ def set_tags(self:MLflowTracker, tags:Mapping, run_id:str|None=None):
 
 @patch
 def set_tag(self:MLflowTracker, key:str, value, run_id:str|None=None): self.set_tags({key: value}, run_id)
+
+# %% ../nbs/api/02_tracker.ipynb #66fd0c45
+@patch
+def log_dataset(self:MLflowTracker, name:str, # its name in the UI, e.g. `ImageCAS/train`
+                digest:str, # a fingerprint of its content (at most 36 characters), e.g. `data.dataset_digest`
+                source:str, # where it lives: a folder or a URI
+                context:str='training', # what the run used it for: training, validation or test
+                profile:Mapping|None=None, # a small summary shown with it, e.g. {'cases': 700}
+                run_id:str|None=None): # the run; the current one when None
+    "Queue a dataset input of the run, as `mlflow.log_input` records one"
+    if not digest or len(digest) > 36: raise ValueError(f"digest must be 1 to 36 characters, got {digest!r}")
+    ds = dict(name=name, digest=digest, source_type='local', source=json.dumps({'uri': redact_text(str(source))}),
+              profile=json.dumps(to_jsonable(profile, 'profile')) if profile else None)
+    self.queue.push((self._target(run_id), 'input', ds, context, time.time_ns()))
 
 # %% ../nbs/api/02_tracker.ipynb #ad8bf39d
 @patch

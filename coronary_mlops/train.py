@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/train.html.md"""
 
 # %% ../nbs/api/05_train.ipynb #387a2e2b
 from __future__ import annotations
-import json, math, os, shutil, tempfile, time
+import json, math, os, shutil, sys, tempfile, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
@@ -30,14 +30,15 @@ from .config import Settings, load_settings
 from .layout import TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_TASK
 from .storage import snapshot_state
 from .tracker import MLflowTracker
-from .data import datasets, discover, find_cause, generate_phantoms, PhantomConfig
+from .data import CT_WINDOW, dataset_digest, datasets, discover, find_cause, generate_phantoms, PhantomConfig
 from . import registry
 
 # %% auto #0
 __all__ = ['CURVES_BUDGET', 'TrainConfig', 'build_model', 'cldice', 'curves_figure', 'overlay_image', 'save_png', 'pick_device',
            'amp_dtype', 'TrainingOOMError', 'oom_hint', 'dist_info', 'DistContext', 'setup_process', 'evaluate',
-           'TrainResult', 'make_datasets', 'Loaders', 'make_loaders', 'TrainParts', 'build_parts', 'train_epoch',
-           'validate', 'EarlyStopping', 'EpochFiler', 'train']
+           'TrainResult', 'live_bars', 'make_datasets', 'Loaders', 'make_loaders', 'TrainParts', 'build_parts',
+           'train_epoch', 'validate', 'EarlyStopping', 'EpochFiler', 'run_description', 'version_tags',
+           'version_description', 'train']
 
 # %% ../nbs/api/05_train.ipynb #0cbf7d91
 @dataclass
@@ -256,6 +257,10 @@ def _sum_across(total:float, n:int, device) -> tuple[float, float]:
     return tuple(t.tolist())
 
 # %% ../nbs/api/05_train.ipynb #be14f57c
+# MONAI 1.5-1.6's own get_edge_surface_distance (behind HausdorffDistanceMetric) passes get_mask_edges' deprecated
+# `always_return_as_numpy`, so every HD95 warned though no call of ours passes it: this one message is silenced
+warnings.filterwarnings('ignore', r'monai\.metrics\.utils get_mask_edges:always_return_as_numpy', FutureWarning)
+
 def evaluate(model,                 # the network; it is put in eval mode
              loader,                # batches of whole volumes: `image` and `label`
              cfg:TrainConfig,       # window size, windows per pass, overlap and voxel spacing
@@ -291,7 +296,7 @@ class TrainResult:
     history:list               # per epoch: train_loss, lr and, when validated, val_dice, val_cldice and val_hd95
     model_uri:str|None = None  # the final model (`models:/<model_id>`), for `mlflow.pytorch.load_model`
     registered:str|None = None # `name vN @alias` when registered
-    onnx_path:str|None = None  # the local ONNX file, when exported
+    onnx_path:str|None = None  # where the ONNX export is in the run (`runs:/<id>/onnx/model.onnx`), when exported
     seconds:float = 0.0        # wall time
     test:dict = field(default_factory=dict) # held-out test metrics of the final model
     def _repr_markdown_(self):
@@ -299,6 +304,13 @@ class TrainResult:
                 f"({self.epochs_run} epochs, {self.seconds:.0f} s)"
                 + (f"; held-out test Dice {self.test['test_dice']:.3f}" if self.test else '')
                 + (f"; registered {self.registered}" if self.registered else ''))
+
+# %% ../nbs/api/05_train.ipynb #a7e0b1c2
+def live_bars(stream=None) -> bool:
+    "True where progress bars redraw in place: a terminal (`stream`, default stderr), or a Jupyter kernel's widgets"
+    if (stream or sys.stderr).isatty(): return True
+    ip = sys.modules.get('IPython')
+    return ip is not None and getattr(ip.get_ipython(), 'kernel', None) is not None
 
 # %% ../nbs/api/05_train.ipynb #83ce4aad
 def make_datasets(cfg:TrainConfig,                   # split fractions, seed, ROI, spacing, caching, patches per case
@@ -311,7 +323,8 @@ def make_datasets(cfg:TrainConfig,                   # split fractions, seed, RO
     if data_dir is not None and synthetic: raise ValueError("Pass data_dir or synthetic, not both")
     try:
         cases = discover(data_dir) if data_dir is not None else \
-                generate_phantoms(synthetic or 12, Path(work_dir)/'phantoms', seed=cfg.seed * 1000, config=phantom)
+                generate_phantoms(synthetic or 12, Path(work_dir)/'phantoms', seed=cfg.seed * 1000, config=phantom,
+                                  progress=live_bars())
         return datasets(cases, cfg.roi_size, cfg.pixdim, cfg.seed, cfg.cache, cfg.fractions, cfg.samples_per_case,
                         cfg.num_workers)
     except RuntimeError as e:
@@ -490,11 +503,19 @@ class _RunContext:
     "What every step of one training run shares"
     tracker:object; run_id:str|None; cfg:TrainConfig; proc:DistContext; amp:torch.dtype|None; work:Path; progress:bool
 
+_CONTEXTS = dict(train='training', val='validation', test='test')  # MLflow's `mlflow.data.context` values
+
 def _log_inputs(r:_RunContext, data_dir, split:dict):
-    "The run's params (the configuration, device, precision, data and case counts) and its split as `data/split.json`"
+    "The run's params (configuration, device, precision, data, case counts, digest), its split, and dataset inputs"
+    root = Path(data_dir) if data_dir else Path(split['train'][0]['image']).parent
+    name = root.name if data_dir else 'phantoms'
     r.tracker.log_params({**asdict(r.cfg), 'device': r.proc.device.type, 'amp': str(r.amp).replace('torch.', ''),
                           'data': str(data_dir) if data_dir else f"synthetic:{sum(map(len, split.values()))}",
-                          'cases': {k: len(v) for k, v in split.items()}})
+                          'cases': {k: len(v) for k, v in split.items()},
+                          'dataset_digest': dataset_digest([c for v in split.values() for c in v])})
+    for part, cases in split.items():  # the stock UI's Datasets: one input per part, with its role
+        r.tracker.log_dataset(f"{name}/{part}", dataset_digest(cases), str(root), _CONTEXTS.get(part, part),
+                              {'cases': len(cases), 'pixdim_mm': list(r.cfg.pixdim)})
     f = r.work/'split.json'; f.write_text(json.dumps(split, indent=1))
     r.tracker.log_artifact(f, 'data')
 
@@ -523,18 +544,23 @@ def _begin(r:_RunContext, parts:TrainParts, data_dir, split:dict, resume:dict|No
 def _run_epochs(r:_RunContext, parts:TrainParts, loaders:Loaders, stopper:EarlyStopping, epochs:range,
                 step:int) -> list:
     "Train, validate, decide and file each epoch, until the last or until early stopping; return the history"
-    history, bar = [], tqdm(epochs, desc='epochs', disable=not r.progress)
+    live = r.progress and live_bars()  # elsewhere (logs, CI) one line per epoch instead of redrawn bars
+    history, bar, t0 = [], tqdm(epochs, desc='epochs', disable=not live), time.perf_counter()
     with EpochFiler(r.tracker, r.run_id, r.cfg, r.work, epochs) as filer:
         for epoch in bar:
             if loaders.sampler is not None: loaders.sampler.set_epoch(epoch)
             loss, step = train_epoch(parts, loaders.train, r.cfg, r.proc, r.amp, tracker=r.tracker, step=step,
-                                     desc=f'epoch {epoch}', progress=r.progress)
+                                     desc=f'epoch {epoch}', progress=live)
             val, first = validate(parts.model, loaders.val, r.cfg, r.proc.device, r.amp, epoch)
             history.append(m := dict(epoch=epoch, train_loss=loss, lr=parts.opt.param_groups[0]['lr'], **val))
             is_best = stopper.update(m)
             if r.proc.rank == 0:
                 filer.file(epoch, parts, m, history, first, is_best, step, final=epoch == epochs[-1] or stopper.stop)
             bar.set_postfix(loss=f"{loss:.3f}", dice=f"{m.get('val_dice', math.nan):.3f}", best=f"{stopper.best:.3f}")
+            if r.progress and not live and r.proc.rank == 0:
+                print(f"epoch {epoch + 1}/{epochs[-1] + 1}: loss {loss:.3f}, val_dice {m.get('val_dice', math.nan):.3f}, "
+                      f"best {stopper.best:.3f}, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
             if _broadcast_flag(stopper.stop, r.proc.world, r.proc.device):  # rank 0 decides; the others follow
                 r.tracker.set_tag(TAG_EARLY_STOP, f"epoch {epoch}: no val_dice gain for {stopper.stale} validations")
                 break
@@ -556,7 +582,7 @@ def _finish(r:_RunContext, model, result:TrainResult, onnx:bool) -> bool:
     result.model_uri = mi.model_uri
     if onnx:
         p = registry.export_onnx(model, example, r.work/'model.onnx', run_id=r.run_id, tracker=r.tracker)
-        result.onnx_path = str(p)
+        result.onnx_path = f"runs:/{r.run_id}/onnx/{p.name}"  # not the work folder's copy, which may be temporary
     model.to(r.proc.device)
     return True
 
@@ -573,7 +599,39 @@ def _end(r:_RunContext, model, test_set, stopper:EarlyStopping, history:list, on
         m, _ = evaluate(model, loader, r.cfg, r.proc.device, r.amp)
         result.test = {k.replace('val_', 'test_'): v for k, v in m.items()}
         r.tracker.log_metrics(result.test, step=max(stopper.best_epoch, 0))
+        r.tracker.set_tag('mlflow.note.content', run_description(result))  # the run page's description
     return result
+
+# %% ../nbs/api/05_train.ipynb #d3c0a1e2
+def run_description(res:TrainResult) -> str:
+    "Markdown for the run page: the outcome, the best epoch's and the held-out metrics, and how to load the model"
+    best = next((h for h in res.history if h['epoch'] == res.best_epoch), {})
+    rows = [(k, v) for k, v in best.items() if k.startswith('val_')] + list(res.test.items())
+    table = '\n'.join(f"| `{k}` | {v:.4g} |" for k, v in rows)
+    load = f"\n\nLoad it with `mlflow.pytorch.load_model('{res.model_uri}')`." if res.model_uri else ''
+    return (f"**Best validation Dice {res.best_dice:.3f}** at epoch {res.best_epoch} ({res.epochs_run} epochs run). "
+            f"Metrics on the resampled grid; HD95 in mm.\n\n| metric | value |\n|---|---|\n{table}{load}")
+
+# %% ../nbs/api/05_train.ipynb #d3c0a1e5
+def version_tags(res:TrainResult, cfg:TrainConfig, tracker=None) -> dict:
+    "Tags of the registered version: best and test metrics, the data's digest, and the preprocessing settings"
+    best = next((h for h in res.history if h['epoch'] == res.best_epoch), {})
+    tags = {**{k: f"{v:.4g}" for k, v in best.items() if k.startswith('val_')},
+            **{k: f"{v:.4g}" for k, v in res.test.items()}, 'best_epoch': str(res.best_epoch),
+            'preprocessing': json.dumps(dict(pixdim_mm=list(cfg.pixdim), window_hu=list(CT_WINDOW), orientation='RAS',
+                                             roi_size=list(cfg.roi_size), overlap=cfg.overlap))}
+    if tracker is not None:
+        tags['dataset_digest'] = tracker.client.get_run(res.run_id).data.params.get('dataset_digest', 'unknown')
+    return tags
+
+def version_description(res:TrainResult, cfg:TrainConfig) -> str:
+    "How to load the registered model and predict with it"
+    return (f"3D U-Net for coronary-artery segmentation (run {res.run_id}, best validation Dice {res.best_dice:.3f}).\n\n"
+            "Load: `model = mlflow.pytorch.load_model('models:/<name>@<alias>')`.\n\n"
+            f"Predict: resample the CT to {tuple(cfg.pixdim)} mm in RAS, window {CT_WINDOW[0]:g}..{CT_WINDOW[1]:g} HU to [0, 1] "
+            "(`coronary_mlops.data.transforms(train=False)` does both), then "
+            f"`monai.inferers.sliding_window_inference(x, {tuple(cfg.roi_size)}, {cfg.sw_batch_size}, model, "
+            f"overlap={cfg.overlap})`; channel 1 of the argmax is the vessel mask.")
 
 # %% ../nbs/api/05_train.ipynb #2ea5a135
 def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainConfig.from_settings` of the tracker's
@@ -611,7 +669,8 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
         history = _run_epochs(r, parts, loaders, stopper, epochs, step)
         result = _end(r, parts.model, ds['test'], stopper, history, onnx)
     if register and result.model_uri:
-        mv = registry.register_model(result.run_id, tracker=tracker, alias=alias)
+        mv = registry.register_model(result.run_id, tracker=tracker, alias=alias, tags=version_tags(result, cfg, tracker),
+                                     description=version_description(result, cfg))
         result.registered = f"{mv.name} v{mv.version} @{alias}"
     result.seconds = time.time() - t_start
     return result

@@ -8,6 +8,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/uploader.html.md"""
 from __future__ import annotations
 import json, logging, os, queue, shutil, tempfile, threading, time, uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 import torch
@@ -18,12 +19,13 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .config import Settings, check_reachable, probe_server, redact, redact_text
 from .layout import FILE_NAMES, TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, epoch_dir, is_figure, safe_join
-from .storage import (atomic_torch_save, dumps_json, epoch_summary, gunzip_sha256, gzip_file, pid_alive,
-                                    read_json, sha256_file, state_tensors, to_jsonable)
+from .storage import (Slab, atomic_torch_save, dumps_json, epoch_summary, from_skeleton, gunzip_sha256,
+                                    gzip_file, pid_alive, read_json, read_slab, sha256_file, skeleton, snapshot_state,
+                                    state_tensors, to_jsonable)
 from .reader import RunReader
 
 # %% auto #0
-__all__ = ['COMPRESSIBLE', 'ArtifactUploadError', 'EpochUploader', 'move_spooled_run']
+__all__ = ['COMPRESSIBLE', 'ArtifactUploadError', 'EpochUploader', 'Snapshot', 'move_spooled_run']
 
 # %% ../nbs/api/01d_uploader.ipynb #0a509a3a
 log = logging.getLogger('coronary_mlops.uploader')
@@ -53,21 +55,35 @@ class EpochUploader:
         self.staging = self.staging_root/f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.staging.mkdir(parents=True, exist_ok=True)
         self._lock, self._queue, self._errors, self._thread = threading.RLock(), queue.Queue(), [], None
-        self._index, self._manifests, self._pool = {}, {}, {}
+        self._index, self._manifests, self._slabs = {}, {}, {}
         self._recover_orphans()
 
 # %% ../nbs/api/01d_uploader.ipynb #11a62101
 @patch
 def _recover_orphans(self:EpochUploader):
-    "Move complete epochs staged by dead processes into the spool"
+    "Move complete epochs staged by dead processes into the spool, with the checkpoints their workers had not written"
     for d in self.staging_root.glob('*-*'):
         pid = int(d.name.split('-')[0]) if d.name.split('-')[0].isdigit() else None
         if d == self.staging or pid is None or pid_alive(pid): continue
         for job in d.glob('*/job.json'):
+            rebuilt = _rebuild_checkpoint(job.parent, d)
             dst = self.spool_dir/job.parent.name
             dst.parent.mkdir(parents=True, exist_ok=True); shutil.move(str(job.parent), dst)
-            log.warning("Recovered epoch staged by dead process %s into the spool: %s", pid, dst)
+            log.warning("Recovered epoch staged by dead process %s into the spool%s: %s", pid,
+                        " (its checkpoint rebuilt from the staged snapshot)" if rebuilt else "", dst)
         shutil.rmtree(d, ignore_errors=True)
+
+def _rebuild_checkpoint(job:Path, staging:Path) -> bool:
+    "Write the checkpoint of a job whose process died before its worker did, from the job's slab; True if written"
+    spec = read_json((job/'job.json').read_text())
+    snap, ckpt = spec.get('snapshot'), spec.get('checkpoint')
+    if not (snap and ckpt) or (dst := safe_join(job/'tree', ckpt)).exists(): return False
+    try: state = from_skeleton(snap['skeleton'], read_slab(safe_join(staging, snap['slab']), snap['layout']))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("Could not rebuild the checkpoint of %s from its snapshot (%s); it is reported lost", job, e)
+        return False
+    atomic_torch_save(state, dst)
+    return True
 
 # %% ../nbs/api/01d_uploader.ipynb #b73d3dca
 @patch
@@ -77,13 +93,17 @@ def stage(self:EpochUploader, run_id:str, # the run the epoch belongs to
           metrics:dict, # checked {name: float}
           meta:dict, # JSON-able, redacted metadata
           plan:list, # (type, source, destination) from `plan_artifacts`
-          state=None, # the CPU snapshot of the model state to save as the checkpoint, or None
+          state=None, # the `Snapshot` (or a CPU state) to save as the checkpoint, or None
           best:bool=False, # whether this epoch's checkpoint is the best so far
           prune:list=(), # epochs whose checkpoints to delete once this one is stored
          ) -> dict: # {artifact type: run-relative path or paths}
     "Copy the epoch's files into a staging folder, record the rest in its job.json, rename it into place, queue it"
     job = self.staging/f"{run_id}-{epoch:03d}-{uuid.uuid4().hex[:8]}"
-    paths, spec = _job_spec(run_id, epoch, ts, metrics, meta, plan, state is not None, best, prune)
+    snap = state if state is None or isinstance(state, Snapshot) else Snapshot(state)
+    paths, spec = _job_spec(run_id, epoch, ts, metrics, meta, plan, snap is not None, best, prune)
+    if snap is not None and snap.slab is not None and snap.skeleton is not None:  # what rebuilds it after a kill
+        spec['snapshot'] = dict(slab=snap.slab.path.relative_to(self.staging).as_posix(), layout=snap.slab.layout,
+                                skeleton=snap.skeleton)
     part = job.with_name(job.name + '.partial')
     try:
         (part/'files').mkdir(parents=True)
@@ -96,11 +116,12 @@ def stage(self:EpochUploader, run_id:str, # the run the epoch belongs to
         os.replace(part, job)
     except BaseException as e:
         shutil.rmtree(part, ignore_errors=True)
+        if snap is not None: self._give_back(snap.slab)
         if isinstance(e, OSError):
             why = f"Could not stage epoch {epoch} of run {run_id} in {self.staging}: {e.strerror or e}"
             raise OSError(e.errno, why) from e
         raise
-    self._submit(job, state)
+    self._submit(job, snap)
     return paths
 
 # %% ../nbs/api/01d_uploader.ipynb #f5beee1e
@@ -124,28 +145,44 @@ def _job_spec(run_id, epoch, ts, metrics, meta, plan, has_state, best, prune) ->
     return paths, spec
 
 # %% ../nbs/api/01d_uploader.ipynb #802db196
-@patch
-def alloc(self:EpochUploader, t:torch.Tensor) -> torch.Tensor:
-    "A CPU buffer shaped like `t`: a released one when there is one, else a new one"
-    key = (tuple(t.shape), t.dtype)
-    with self._lock:
-        if free := self._pool.get(key): return free.pop()
-    return torch.empty(key[0], dtype=t.dtype)
+@dataclass
+class Snapshot:
+    "A CPU copy of a model state, held in a `Slab`, and the skeleton that rebuilds it from the slab file"
+    state:object; slab:Slab|None=None; skeleton:dict|None=None
 
 @patch
-def _release(self:EpochUploader, state):
-    "Give the buffers of a written checkpoint back for the next snapshot (at most two states' worth are kept)"
-    ts, need = list(state_tensors(state)), {}
-    for t in ts: need[(tuple(t.shape), t.dtype)] = need.get((tuple(t.shape), t.dtype), 0) + 1
+def snapshot(self:EpochUploader, model_state) -> Snapshot:
+    "Copy `model_state` (an `nn.Module` or a state dict) into a slab; the training loop may change it afterwards"
+    if isinstance(model_state, torch.nn.Module): model_state = model_state.state_dict()
+    ts = list(state_tensors(model_state))
+    if not ts or any(t.is_meta or t.layout != torch.strided for t in ts):
+        return Snapshot(snapshot_state(model_state))  # nothing to map, or a TypeError that names the tensor
+    slab = self._take_slab(tuple((tuple(t.shape), t.dtype) for t in ts))
+    bufs = iter(slab.tensors)
+    try: state = snapshot_state(model_state, alloc=lambda t: next(bufs))
+    except BaseException: self._give_back(slab); raise
+    try: sk = skeleton(state)
+    except TypeError: sk = None  # keys JSON cannot keep: durable once the worker writes the checkpoint
+    return Snapshot(state, slab, sk)
+
+@patch
+def _take_slab(self:EpochUploader, key:tuple) -> Slab:
     with self._lock:
-        for t in ts:
-            key = (tuple(t.shape), t.dtype)
-            free = self._pool.setdefault(key, [])
-            if len(free) < 2 * need[key]: free.append(t)
+        if free := self._slabs.get(key): return free.pop()
+    return Slab(self.staging/'slabs'/f"{uuid.uuid4().hex[:12]}.bin", key)
+
+@patch
+def _give_back(self:EpochUploader, slab:Slab|None):
+    "Return a slab whose checkpoint is written, for the next snapshot (two are kept per state shape)"
+    if slab is None: return
+    with self._lock:
+        free = self._slabs.setdefault(slab.key, [])
+        if len(free) < 2: free.append(slab); return
+    slab.drop()
 
 # %% ../nbs/api/01d_uploader.ipynb #0a506e41
 @patch
-def _submit(self:EpochUploader, job:Path, state=None):
+def _submit(self:EpochUploader, job:Path, state:Snapshot|None=None):
     "Queue a staged epoch; without async upload, process it now"
     if not self.async_upload: return self._run_job(job, state)
     with self._lock:
@@ -166,12 +203,12 @@ def _work(self:EpochUploader):
 
 # %% ../nbs/api/01d_uploader.ipynb #9b899ed1
 @patch
-def _run_job(self:EpochUploader, job:Path, state=None, spool_on_failure:bool=True) -> bool:
+def _run_job(self:EpochUploader, job:Path, state:Snapshot|None=None, spool_on_failure:bool=True) -> bool:
     "Process one staged epoch with retries; spool it when the store stays unreachable. True if uploaded"
     spec = read_json((job/'job.json').read_text())
     _render(job, spec)
     if state is not None:
-        atomic_torch_save(state, safe_join(job/'tree', spec['checkpoint'])); self._release(state); del state
+        atomic_torch_save(state.state, safe_join(job/'tree', spec['checkpoint'])); self._give_back(state.slab); del state
     elif spec['checkpoint'] and not safe_join(job/'tree', spec['checkpoint']).exists():
         spec['checkpoint_lost'] = True  # recovered after its process died before the worker wrote the weights
     err = None
@@ -362,6 +399,7 @@ def close(self:EpochUploader, raise_errors:bool=True):
     finally:
         if self._thread is not None and self._thread.is_alive(): self._queue.put(None); self._thread.join(timeout=30)
         self._thread = None
+        with self._lock: self._slabs.clear()
         shutil.rmtree(self.staging, ignore_errors=True)
 
 # %% ../nbs/api/01d_uploader.ipynb #f93d3ac8

@@ -153,3 +153,49 @@ def test_docs_home_page_renders(browser):
         assert page.url.endswith('api/panels.html') and 'ArtifactBrowser' in page.content()
     finally:
         page.close()
+
+
+def test_stock_mlflow_ui_shows_a_kit_run_like_a_fluent_run(browser, tmp_path):
+    "Issue 16: a store written by `coronary-mlops train --register`, served by a real `mlflow server`, in Chromium"
+    from conftest import run_cli
+    from servers import MlflowServer
+    store = tmp_path/'store'
+    out = run_cli('--store-dir', str(store), 'train', '--synthetic', '4', '--epochs', '2', '--roi', '32', '--register',
+                  '--onnx', cwd=tmp_path)
+    uri = f"sqlite:///{store/'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.get_experiment_by_name('coronary-segmentation')
+    run = client.search_runs([exp.experiment_id])[0]
+    mv = client.get_model_version_by_alias('coronary-segmentation', 'champion')  # not coronary-coronary-…
+    assert f"runs:/{run.info.run_id}/onnx/model.onnx" in out.stdout and '/tmp/' not in out.stdout.split('ONNX')[1].split('\n')[0]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with MlflowServer(tmp_path/'server', backend=uri, artifacts=str(store/'artifacts')) as srv:
+        page = browser.new_page(viewport={'width': 1500, 'height': 1000})
+        try:
+            # the link the kit prints: MLflow 3.17 opens experiments in its GenAI view unless told otherwise
+            link = next(l for l in out.stdout.splitlines() if l.startswith('then browse')).split(': ', 1)[1]
+            assert link.endswith(f"/#/experiments/{exp.experiment_id}?workflowType=machine_learning")
+            page.goto(srv.uri + link[link.index('/#/'):], timeout=90_000)
+            page.get_by_text(run.info.run_name).first.wait_for(timeout=60_000)  # the training view's runs table
+            table = page.locator('body').inner_text()
+            assert 'Run Name' in table and 'phantoms/train' in table and 'Overview' not in table
+            page.screenshot(path=str(ARTIFACTS/'mlflow_experiment.png'))
+            page.goto(f"{srv.uri}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning",
+                      timeout=90_000)
+            page.get_by_text('Best validation Dice').first.wait_for(timeout=60_000)  # the description
+            body = page.locator('body').inner_text()
+            assert run.data.tags['mlflow.user'] in body  # Created by
+            assert Path(run.data.tags['mlflow.source.name']).name in body  # Source
+            assert 'phantoms/train' in body  # Datasets
+            page.screenshot(path=str(ARTIFACTS/'mlflow_run.png'), full_page=True)
+            page.goto(f"{srv.uri}/#/models/coronary-segmentation/versions/{mv.version}?workflowType=machine_learning",
+                      timeout=90_000)
+            page.get_by_text('dataset_digest').first.wait_for(timeout=60_000)
+            body = page.locator('body').inner_text()
+            assert mv.tags['dataset_digest'] in body and 'val_dice' in body and 'sliding_window_inference' in body
+            page.screenshot(path=str(ARTIFACTS/'mlflow_model_version.png'), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS/'mlflow_failure.png'), full_page=True)
+            raise
+        finally:
+            page.close()

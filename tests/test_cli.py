@@ -11,7 +11,14 @@ SMALL = ['--epochs', '2', '--roi', '32', '--synthetic', '4']
 def test_demo_logs_a_finished_registered_run_into_the_default_store_from_any_folder(clean_env):
     env = {**os.environ}
     (clean_env/'a').mkdir(); (clean_env/'b').mkdir()
-    outs = [run_cli('demo', *SMALL, env=env, cwd=clean_env/d).stdout for d in 'ab']
+    # issue 16: a stray variable with the kit's prefix (in b's shell) is a warning, not a reason to stop
+    procs = [run_cli('demo', *SMALL, env={**env, **({'CORONARY_MLOPS_HOME': '/x'} if d == 'b' else {})}, cwd=clean_env/d)
+             for d in 'ab']
+    outs = [p.stdout for p in procs]
+    assert "Unknown setting 'CORONARY_MLOPS_HOME'" in procs[1].stderr and 'It is ignored' in procs[1].stderr
+    for p in procs:  # output to a pipe: one line per epoch, no redrawn bars, no MONAI FutureWarning
+        assert 'FutureWarning' not in p.stderr and '\r' not in p.stderr, p.stderr[-2000:]
+        assert [l.split(':')[0] for l in p.stderr.splitlines() if l.startswith('epoch ')] == ['epoch 1/2', 'epoch 2/2']
     db = (clean_env/'xdg'/'coronary_mlops'/'mlflow.db').resolve()
     assert db.exists() and all(f'sqlite:///{db}' in o for o in outs)
     assert all('mlflow ui --backend-store-uri' in o and '01_quickstart.ipynb' in o and 'ArtifactBrowser()' in o and 'best validation Dice' in o for o in outs)
@@ -22,8 +29,20 @@ def test_demo_logs_a_finished_registered_run_into_the_default_store_from_any_fol
     hist = client.get_metric_history(runs[0].info.run_id, 'train_loss')
     assert [m.step for m in hist] == [0, 1]
     assert runs[0].data.params['epochs'] == '2' and runs[0].data.params['roi_size'] == '[32,32,32]'
-    champ = client.get_model_version_by_alias('coronary-coronary-segmentation', 'champion')
+    champ = client.get_model_version_by_alias('coronary-segmentation', 'champion')
     assert champ.run_id in {r.info.run_id for r in runs}
+    # issue 16: what the stock UI shows of a run made by fluent `mlflow.start_run()`, and more
+    exp = client.get_experiment_by_name('coronary-segmentation')
+    assert exp.tags['mlflow.experimentKind'] == 'custom_model_development'
+    run = client.get_run(champ.run_id)
+    assert run.data.tags['mlflow.user'] and run.data.tags['mlflow.source.type'] == 'LOCAL'
+    assert run.data.tags['mlflow.source.name'].endswith('coronary-mlops')
+    assert run.data.tags['mlflow.note.content'].startswith('**Best validation Dice')
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ['phantoms/test', 'phantoms/train', 'phantoms/val']
+    assert {d.tags[0].value for d in inputs.values()} == {'training', 'validation', 'test'}
+    assert champ.tags['dataset_digest'] == run.data.params['dataset_digest'] and 'val_dice' in champ.tags
+    assert 'sliding_window_inference' in champ.description
     assert not list(clean_env.glob('*/mlruns')) and not list(clean_env.glob('*/mlflow.db'))
 
 
@@ -97,3 +116,30 @@ def test_every_train_config_field_is_an_option_and_store_options_follow_the_subc
     out = ' '.join(capsys.readouterr().out.split())
     assert all(f"{doc} (default: " in out for k, doc in docments(TrainConfig).items() if k != "return")
     assert '--weight-decay X AdamW' in out and '--amp, --no-amp' in out and '--fractions TRAIN,VAL,TEST' in out
+
+
+def test_damaged_volumes_are_one_clear_line_naming_the_file_and_create_no_run(clean_env, capsys):
+    "Issue 12: a truncated .nii.gz, a label that is not gzip and a 4-D image, caught from headers before any run"
+    import nibabel as nib, numpy as np
+    from coronary_mlops.cli import main
+    from coronary_mlops.data import PhantomConfig, make_phantom, save_nifti
+    store = clean_env/'store'
+
+    def folder(name):
+        d = clean_env/name
+        for i in range(3):
+            ph = make_phantom(i, PhantomConfig(shape=(24, 24, 24)))
+            save_nifti(ph['image'], ph['spacing'], d/f'{i}.img.nii.gz'); save_nifti(ph['label'], ph['spacing'], d/f'{i}.label.nii.gz')
+        return d
+
+    cut = folder('truncated')/'1.img.nii.gz'; cut.write_bytes(cut.read_bytes()[:-100])
+    plain = folder('notgz')/'2.label.nii.gz'
+    nib.save(nib.load(plain), clean_env/'plain.nii'); plain.write_bytes((clean_env/'plain.nii').read_bytes())
+    four = folder('fourd')/'0.img.nii.gz'
+    nib.save(nib.Nifti1Image(np.zeros((24, 24, 24, 2), np.int16), np.eye(4)), four)
+    for bad, says in ((cut, 'truncated'), (plain, 'really gzip-compressed'), (four, 'is 4-D (shape (24, 24, 24, 2))')):
+        rc = main(['--store-dir', str(store), 'train', '--data', str(bad.parent), '--epochs', '1'])
+        err = capsys.readouterr().err
+        assert rc == 2 and str(bad) in err and says in err and 'Traceback' not in err, err
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []  # no run was created

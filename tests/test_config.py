@@ -115,7 +115,6 @@ def test_apply_exports_env_file_credentials_without_overriding(project, monkeypa
 
 @pytest.mark.parametrize('layer,setup,pattern', [
     ('argument', dict(epoch=3), r"Unknown setting 'epoch' \(from argument\); did you mean 'epochs'"),
-    ('environment', {'env': ('CORONARY_MLOPS_BATCHSIZE', '2')}, r"'CORONARY_MLOPS_BATCHSIZE' \(from environment\).*'batch_size'"),
     ('settings.ini', {'ini': "[training]\nepoks = 3\n"}, r"Unknown setting 'epoks' \(from settings.ini .*\[training\]\).*'epochs'"),
     ('settings.ini', {'ini': "[trainig]\nepochs = 3\n"}, r"Unknown section \[trainig\]"),
     ('settings.ini', {'ini': "[mlflow]\nepochs = 3\n"}, r"'epochs' belongs in \[training\], not \[mlflow\]"),
@@ -128,6 +127,16 @@ def test_unknown_keys(project, monkeypatch, layer, setup, pattern):
     elif 'dotenv' in setup: (project/'.env').write_text(setup['dotenv'])
     else: kw = setup
     with pytest.raises(SettingsError, match=pattern): load_settings(**kw)
+
+
+def test_an_unknown_environment_variable_is_a_warning_and_ignored(project, monkeypatch):
+    "Issue 16: a stray CORONARY_MLOPS_* in a shell profile must not stop every command"
+    import coronary_mlops.config as config
+    monkeypatch.setattr(config, '_WARNED', set())
+    monkeypatch.setenv('CORONARY_MLOPS_BATCHSIZE', '2'); monkeypatch.setenv('CORONARY_MLOPS_SEED', '5')
+    with pytest.warns(config.SettingsWarning, match=r"'CORONARY_MLOPS_BATCHSIZE' \(from environment\).*'batch_size'"):
+        s = load_settings()
+    assert s.seed == 5 and s.batch_size == load_settings(batch_size=None).batch_size  # the rest still applies
 
 
 @pytest.mark.parametrize('key,value,pattern', [

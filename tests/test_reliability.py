@@ -139,19 +139,72 @@ def test_keys_mlflow_would_refuse_in_a_batch_are_refused_at_the_call(tmp_path, c
 
 # --- 4. an epoch recovered after its process died ------------------------------------------------------------------
 
+KILL_LOOP = """
+import json, os, signal, sys, torch
+from pathlib import Path
+from coronary_mlops.config import load_settings
+from coronary_mlops.artifacts import MLflowArtifactManager
+store, rid, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+unwritten = 0
+for epoch in range(n):
+    pid = os.fork()  # torch and MLflow imported once; nothing has run a torch op or a thread in this parent
+    if pid == 0:
+        m = MLflowArtifactManager(load_settings(False, store_dir=store))
+        state = {'w': torch.full((2, 2), float(epoch)), 'big': torch.full((2_000_000,), float(epoch)), 'epoch': epoch}
+        m.log_epoch(epoch, state, {'val_dice': epoch / 10}, run_id=rid)
+        os.kill(os.getpid(), signal.SIGKILL)  # right after log_epoch returns
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    jobs = list(Path(store, 'staging').glob(f'{pid}-*/*/job.json'))
+    assert len(jobs) <= 1, jobs
+    ck = f'checkpoints/epoch_{epoch:03d}/model.pt'
+    unwritten += sum(not (j.parent/'tree'/ck).exists() for j in jobs)
+print(json.dumps(dict(unwritten=unwritten)))
+"""
+
+
+def test_ten_sigkills_right_after_log_epoch_lose_no_epoch_and_no_checkpoint(tmp_path, clean_env):
+    s = sqlite_settings(tmp_path)
+    client = s.client()
+    from coronary_mlops.config import get_or_create_experiment
+    rid = client.create_run(get_or_create_experiment(s, client)).info.run_id
+    store = str(tmp_path/'store')
+    r = subprocess.run([sys.executable, '-c', KILL_LOOP, store, rid, '10'], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    unwritten = json.loads(r.stdout.strip().splitlines()[-1])['unwritten']
+    # the documented command, in a fresh process
+    sync = subprocess.run([str(Path(sys.executable).parent/'coronary-mlops'), '--store-dir', store, 'sync'],
+                          capture_output=True, text=True, timeout=300)
+    assert sync.returncode == 0, sync.stdout + sync.stderr[-3000:]
+    m = MLflowArtifactManager(s, client)
+    assert m.epochs(rid) == list(range(10))
+    for e in range(10):
+        ck = load_checkpoint(m.download(rid, f'checkpoints/epoch_{e:03d}/model.pt', tmp_path/f'dl{e}'))
+        assert torch.equal(ck['w'], torch.full((2, 2), float(e))) and ck['epoch'] == e
+        assert torch.equal(ck['big'], torch.full((2_000_000,), float(e)))
+    rep = m.verify(rid)
+    assert rep.ok, rep
+    assert client.get_run(rid).data.tags['coronary_mlops.best_checkpoint'] == 'checkpoints/epoch_009/model.pt'
+    assert not list((tmp_path/'store'/'staging').glob('*/*/job.json'))  # nothing left behind
+    m.close()
+    print(f"{unwritten} of 10 killed epochs had no checkpoint written by their worker; all 10 recovered")
+    assert unwritten >= 1  # the kill came before the worker at least once, so the rebuild from the slab was exercised
+
+
 KILLED = """
-import os, torch
+import os, shutil, torch
 from coronary_mlops.config import load_settings
 from coronary_mlops.artifacts import MLflowArtifactManager
 m = MLflowArtifactManager(load_settings(False, store_dir={store!r}))
 m.log_epoch(0, torch.nn.Linear(2, 2), {{'val_dice': 0.5}}, run_id={rid!r}); m.flush()
-m.uploader._submit = lambda job, state=None: None  # the process dies before its worker writes anything
+m.uploader._submit = lambda job, state=None: None  # the process dies before its worker writes anything...
 m.log_epoch(1, torch.nn.Linear(2, 2), {{'val_dice': 0.9}}, run_id={rid!r})
+shutil.rmtree(m.uploader.staging/'slabs')  # ...and its snapshot is gone too (a disk wiped under it)
 os._exit(0)
 """
 
 
-def test_a_checkpoint_lost_with_its_process_is_reported_and_never_tagged(tmp_path, clean_env):
+def test_a_checkpoint_lost_with_its_process_and_its_snapshot_is_reported_and_never_tagged(tmp_path, clean_env):
     s = sqlite_settings(tmp_path)
     client = s.client()
     from coronary_mlops.config import get_or_create_experiment

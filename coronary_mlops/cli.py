@@ -32,7 +32,8 @@ def store_report(s:Settings) -> str:
     try: exp = s.client().get_experiment_by_name(s.experiment_name) if there else None  # `info` creates no store
     except Exception: exp = None  # a server that refuses us: the report still says where runs go
     lines += [f"open the UI  : {ui}", f"then browse  : {s.ui_url(exp.experiment_id if exp else None)}",
-              "notebooks    : make lab, then open nbs/tutorials/01_quickstart.ipynb, or ArtifactBrowser() in any notebook"]
+              "notebooks    : make lab, then open nbs/tutorials/01_quickstart.ipynb, "
+              "or ArtifactBrowser() in any notebook"]
     return '\n'.join(lines)
 
 # %% ../nbs/api/07_cli.ipynb #243df436

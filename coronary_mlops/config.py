@@ -33,7 +33,7 @@ SECTIONS = {
     'artifacts': dict(checkpoint_policy='best', top_k=3, monitor='val_dice', mode='max',
                       compress_threshold_mb=16.0, async_upload=True),
     'training':  dict(epochs=20, batch_size=2, learning_rate=1e-3, seed=42, num_workers=0, val_interval=1,
-                      roi_size=(64, 64, 64)),
+                      roi_size=(64, 64, 64), cache_budget_gb=0.0),
 }
 DEFAULTS = {k: v for sec in SECTIONS.values() for k, v in sec.items()}
 SECTION_OF = {k: s for s, sec in SECTIONS.items() for k in sec}
@@ -103,7 +103,8 @@ def redact(obj):
 # %% ../nbs/api/00_config.ipynb #82de086f
 _BOOLS = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
 CHOICES = dict(checkpoint_policy=('best', 'all', 'top_k', 'none'), mode=('min', 'max'))
-MINIMUM = dict(top_k=1, epochs=1, batch_size=1, seed=0, num_workers=0, val_interval=1, compress_threshold_mb=0)
+MINIMUM = dict(top_k=1, epochs=1, batch_size=1, seed=0, num_workers=0, val_interval=1, compress_threshold_mb=0,
+               cache_budget_gb=0)
 
 def _as_int(key, v, where):
     if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
@@ -226,7 +227,8 @@ def read_env(environ:Mapping, where:str='environment',
             if key in DEFAULTS: out[key] = v
             elif strict: raise _unknown(name, where, key)
             elif name not in _WARNED:
-                _WARNED.add(name); warnings.warn(f"{_unknown(name, where, key)} It is ignored.", SettingsWarning, stacklevel=2)
+                _WARNED.add(name)
+                warnings.warn(f"{_unknown(name, where, key)} It is ignored.", SettingsWarning, stacklevel=2)
     return out
 
 # %% ../nbs/api/00_config.ipynb #4af12e7c
@@ -263,6 +265,7 @@ class Settings:
     num_workers:int # data-loader worker processes
     val_interval:int # validate every this many epochs
     roi_size:tuple # training patch size (three ints)
+    cache_budget_gb:float # memory for cached cases; beyond it they are cached on disk; 0: half the available memory
     sources:dict = field(default_factory=dict, compare=False) # the layer that set each key
 
     def as_dict(self) -> dict: return {f.name: getattr(self, f.name) for f in fields(self) if f.name != 'sources'}
@@ -360,7 +363,8 @@ def ui_url(self:Settings, experiment_id:str|None=None, port:int=5000) -> str:
     return f"{base}/#/experiments{'/' + str(experiment_id) if experiment_id else ''}?workflowType=machine_learning"
 
 # %% ../nbs/api/00_config.ipynb #be69cea6
-EXPERIMENT_KIND_TAG, MODEL_TRAINING = 'mlflow.experimentKind', 'custom_model_development'  # the values MLflow's UI reads
+# the experiment tag MLflow's UI reads for an experiment's kind, and its value for model training
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = 'mlflow.experimentKind', 'custom_model_development'
 
 def get_or_create_experiment(settings:Settings, # the store, and the default experiment name
                              client=None, # a client on the store; `settings.client()` when None

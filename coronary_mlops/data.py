@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/data.html.md"""
 
 # %% ../nbs/api/04_data.ipynb #7d0a6dd3
 from __future__ import annotations
-import gzip, hashlib, json, math, re, zlib
+import gzip, hashlib, json, math, os, re, tempfile, zlib
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +14,8 @@ import numpy as np
 import nibabel as nib
 import torch
 from tqdm.auto import tqdm
-from monai.data import CacheDataset, Dataset
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import pickle_hashing
 from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, GaussianSmooth, LoadImaged,
                               Orientationd, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, RandScaleIntensityd,
                               RandShiftIntensityd, ScaleIntensityRanged, Spacingd, SpatialPadd, MapTransform)
@@ -22,7 +23,7 @@ from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, Ens
 # %% auto #0
 __all__ = ['IMAGE_DIRS', 'LABEL_DIRS', 'CT_WINDOW', 'PhantomConfig', 'make_phantom', 'save_nifti', 'generate_phantoms',
            'DataError', 'discover', 'read_header', 'check_pairs', 'dataset_digest', 'split_cases', 'CheckBinaryLabeld',
-           'find_cause', 'transforms', 'datasets']
+           'find_cause', 'transforms', 'available_memory', 'preprocessed_bytes', 'cache_plan', 'datasets']
 
 # %% ../nbs/api/04_data.ipynb #b6192bda
 @dataclass
@@ -304,7 +305,7 @@ def find_cause(e:BaseException, kind=None) -> BaseException|None:
 
 # %% ../nbs/api/04_data.ipynb #9ad12fbb
 CT_WINDOW = (-200.0, 700.0)  # HU mapped to [0, 1]: contrast-filled lumen and soft tissue, not bone or air
-_LPS_LABELS = (('L', 'R'), ('P', 'A'), ('I', 'S'))  # MONAI's default to date: given, so no FutureWarning says it changes
+_LPS_LABELS = (('L', 'R'), ('P', 'A'), ('I', 'S'))  # MONAI's default to date, given: no FutureWarning
 
 def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random crops
                pixdim=(0.8, 0.8, 0.8),      # spacing (mm) every volume is resampled to
@@ -328,23 +329,64 @@ def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random 
               RandScaleIntensityd('image', factors=0.1, prob=0.5), RandShiftIntensityd('image', offsets=0.05, prob=0.5)]
     return Compose(t + [EnsureTyped(keys, track_meta=False)])
 
+# %% ../nbs/api/04_data.ipynb #b0d9e7a2
+def available_memory() -> int:
+    "Bytes of memory this process could still take: /proc/meminfo's MemAvailable, capped by a cgroup v2 limit"
+    avail = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    try: avail = int(re.search(r'MemAvailable:\s+(\d+) kB', Path('/proc/meminfo').read_text()).group(1)) * 1024
+    except (OSError, AttributeError): pass
+    try:
+        cg = Path('/sys/fs/cgroup'); limit = (cg/'memory.max').read_text().strip()
+        if limit != 'max': avail = min(avail, int(limit) - int((cg/'memory.current').read_text()))
+    except (OSError, ValueError): pass
+    return max(avail, 0)
+
+def preprocessed_bytes(cases:Sequence[dict], pixdim=(0.8, 0.8, 0.8)) -> int:
+    "Upper bound of `cases`' size after resampling to `pixdim` (image and label as float32), from their headers"
+    total = 0
+    for c in cases:
+        shape, spacing = read_header(c['image'])
+        total += 8 * math.prod(max(1, round(n * s / p)) for n, s, p in zip(shape, spacing, pixdim))
+    return total
+
+def cache_plan(cases:Sequence[dict], pixdim=(0.8, 0.8, 0.8), budget_gb:float=0.0) -> dict:
+    "Where the preprocessed `cases` go: `memory` if they fit `budget_gb` (0: half the available memory), else `disk`"
+    need, budget = preprocessed_bytes(cases, pixdim), budget_gb * 2**30 if budget_gb > 0 else available_memory() / 2
+    return dict(mode='memory' if need <= budget else 'disk', cases=len(cases), need_bytes=need,
+                need_gb=round(need / 2**30, 2), budget_gb=round(budget / 2**30, 2))
+
 # %% ../nbs/api/04_data.ipynb #a67e8c10
+def _stamped_hash(item:dict) -> bytes:
+    "PersistentDataset's key of a case: its paths, and each file's size and modification time"
+    st = {k: (v, os.stat(v).st_size, os.stat(v).st_mtime_ns) for k, v in item.items() if isinstance(v, str)}
+    return pickle_hashing(st)
+
 def datasets(cases:Sequence[dict],          # `[{image, label}]`, e.g. from `discover` or `generate_phantoms`
              roi_size=(64, 64, 64),         # patch size of the training crops
              pixdim=(0.8, 0.8, 0.8),        # spacing (mm) to resample to
              seed:int=42,                   # seeds the split
-             cache:bool=True,               # cache the deterministic transforms in memory (`CacheDataset`)
+             cache:bool=True,               # cache the deterministic transforms (in memory; on disk over budget)
              fractions=(0.7, 0.15, 0.15),   # train, val and test shares
              num_samples:int=2,             # random patches per training case and epoch
              num_workers:int=0,             # worker processes for caching
              progress:bool=False,           # show the caching progress bar
-            ) -> dict:                      # the three datasets, and `split`: their case paths
-    "`{'train', 'val', 'test'}` MONAI datasets and `'split'` (the case paths) for `cases`"
+             cache_budget_gb:float=0.0,     # memory the cache may take; 0: half the available memory
+             cache_dir=None,                # the disk cache's folder when over budget; a temporary one if None
+            ) -> dict:                      # the three datasets, `split` (their case paths) and `cache` (`cache_plan`)
+    "`{'train', 'val', 'test'}` MONAI datasets, `'split'` (the case paths) and `'cache'` (where they are cached)"
     split = split_cases(check_pairs(cases), fractions, seed)
-    ds = CacheDataset if cache else Dataset
-    kw = lambda: dict(cache_rate=1.0, num_workers=num_workers, progress=progress) if cache else {}
-    out = {k: ds(data=[{'image': c['image'], 'label': c['label']} for c in split[k]],
-                 transform=transforms(roi_size, pixdim, train=(k == 'train'), num_samples=num_samples), **kw())
-           for k in split}
+    plan = cache_plan(cases, pixdim, cache_budget_gb) if cache else dict(mode='none')
+    if plan['mode'] == 'disk':
+        key = hashlib.sha256(json.dumps([list(pixdim), list(CT_WINDOW)]).encode()).hexdigest()[:12]
+        plan['dir'] = str(Path(cache_dir or tempfile.mkdtemp(prefix='coronary-cache-'))/f"pixdim-window-{key}")
+    def make(part):
+        data, t = [{'image': c['image'], 'label': c['label']} for c in split[part]], \
+                  transforms(roi_size, pixdim, train=(part == 'train'), num_samples=num_samples)
+        if plan['mode'] == 'memory':
+            return CacheDataset(data, t, cache_rate=1.0, num_workers=num_workers, progress=progress)
+        if plan['mode'] == 'disk': return PersistentDataset(data, t, cache_dir=plan['dir'], hash_func=_stamped_hash)
+        return Dataset(data, t)
+    out = {k: make(k) for k in split}
     out['split'] = {k: [dict(image=c['image'], label=c['label']) for c in v] for k, v in split.items()}
+    out['cache'] = plan
     return out

@@ -192,7 +192,8 @@ def _apply(self:RecordQueue, step):
     self.send(step, run_id)
 
 # %% ../nbs/api/02a_record_queue.ipynb #11554dab
-_KINDS = dict(m='metric', p='param', t='tag', end='status', text='text file', a='artifact', create='run', input='dataset input')
+_KINDS = dict(m='metric', p='param', t='tag', end='status', text='text file', a='artifact', create='run',
+              input='dataset input')
 
 def describe(rec) -> str:
     "A record in words, for an error message: `metric 'loss' = 0.5 at step 3`"

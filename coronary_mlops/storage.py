@@ -211,7 +211,8 @@ def skeleton(state, n:list|None=None):
         if not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in state):
             raise TypeError("only str and int keys can be described")
         return {'d': [[k, skeleton(v, n)] for k, v in state.items()]}
-    if isinstance(state, (list, tuple)): return {'l' if isinstance(state, list) else 'u': [skeleton(v, n) for v in state]}
+    if isinstance(state, (list, tuple)):
+        return {'l' if isinstance(state, list) else 'u': [skeleton(v, n) for v in state]}
     return {'v': state}
 
 def from_skeleton(sk:dict, tensors:list):

@@ -180,7 +180,8 @@ def experiment_id(self:MLflowTracker) -> str:
         except MlflowException as e:
             raise kit_error(e, f"create experiment {self.experiment_name!r}", self.settings.tracking_uri) from None
         if exp is not None:
-            if EXPERIMENT_KIND_TAG not in exp.tags: self.client.set_experiment_tag(eid, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+            if EXPERIMENT_KIND_TAG not in exp.tags:
+                self.client.set_experiment_tag(eid, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
             for k, v in self.experiment_tags.items():
                 if exp.tags.get(k) != str(v): self.client.set_experiment_tag(eid, k, str(v))
         self._experiment_id = eid

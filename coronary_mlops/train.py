@@ -14,13 +14,13 @@ from typing import Sequence
 import numpy as np
 import torch
 import matplotlib, matplotlib.image
+from skimage.morphology import skeletonize
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from monai.data import DataLoader, decollate_batch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.losses.cldice import soft_skel
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.networks.nets import UNet
 from monai.transforms import AsDiscrete
@@ -36,8 +36,8 @@ from . import registry
 # %% auto #0
 __all__ = ['CURVES_BUDGET', 'TrainConfig', 'build_model', 'cldice', 'curves_figure', 'overlay_image', 'save_png', 'pick_device',
            'amp_dtype', 'TrainingOOMError', 'oom_hint', 'dist_info', 'DistContext', 'setup_process', 'evaluate',
-           'TrainResult', 'live_bars', 'make_datasets', 'Loaders', 'make_loaders', 'TrainParts', 'build_parts',
-           'train_epoch', 'validate', 'EarlyStopping', 'EpochFiler', 'run_description', 'version_tags',
+           'TrainResult', 'live_bars', 'make_datasets', 'cache_line', 'Loaders', 'make_loaders', 'TrainParts',
+           'build_parts', 'train_epoch', 'validate', 'EarlyStopping', 'EpochFiler', 'run_description', 'version_tags',
            'version_description', 'train']
 
 # %% ../nbs/api/05_train.ipynb #0cbf7d91
@@ -59,7 +59,8 @@ class TrainConfig:
     patience:int = 10                   # stop after this many validations without a val_dice gain
     min_delta:float = 1e-4              # the smallest val_dice gain that counts as one
     num_workers:int = 0                 # worker processes for loading and caching
-    cache:bool = True                   # cache the deterministic transforms (MONAI's CacheDataset)
+    cache:bool = True                   # cache the deterministic transforms (in memory, or on disk over budget)
+    cache_budget_gb:float = 0.0         # memory the cache may take, else on disk; 0: half the available memory
     amp:bool = True                     # mixed precision on CUDA (bf16 where supported, else fp16)
     sw_batch_size:int = 2               # windows per forward pass of sliding-window inference
     overlap:float = 0.25                # overlap of neighbouring sliding windows
@@ -80,7 +81,8 @@ def from_settings(cls:TrainConfig, settings:Settings|None=None, **overrides) -> 
     "Defaults from `settings.ini` `[training]`, then `overrides` (None means not set)"
     s = settings or load_settings()
     base = dict(epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate, seed=s.seed,
-                num_workers=s.num_workers, val_interval=s.val_interval, roi_size=tuple(s.roi_size))
+                num_workers=s.num_workers, val_interval=s.val_interval, roi_size=tuple(s.roi_size),
+                cache_budget_gb=s.cache_budget_gb)
     known = [f.name for f in fields(cls)]
     if bad := set(overrides) - set(known): raise TypeError(f"Unknown training options {sorted(bad)}; known: {known}")
     return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
@@ -94,16 +96,17 @@ def build_model(cfg:TrainConfig) -> torch.nn.Module:
 # %% ../nbs/api/05_train.ipynb #69ac6df8
 def cldice(pred:torch.Tensor,  # binary prediction, (B, 1, …)
            label:torch.Tensor, # binary label, the same shape
-           iters:int=10,       # soft-skeleton iterations: more than the thickest vessel's radius in voxels
-           eps:float=1e-6,     # keeps empty skeletons finite
+           eps:float=1e-6,     # keeps empty skeletons finite: a term whose skeleton is empty counts 1
           ) -> torch.Tensor:   # clDice per item, (B,)
-    "Centre-line Dice per item of binary (B, 1, …) masks"
-    p, l = pred.float(), label.float()
-    sp, sl = soft_skel(p, iters), soft_skel(l, iters)
-    dims = tuple(range(1, p.ndim))
-    tprec = ((sp * l).sum(dims) + eps) / (sp.sum(dims) + eps)
-    tsens = ((sl * p).sum(dims) + eps) / (sl.sum(dims) + eps)
-    return 2 * tprec * tsens / (tprec + tsens)
+    "Centre-line Dice per item of binary (B, 1, …) masks, with hard morphological skeletons (Shit et al., CVPR 2021)"
+    out = []
+    for p, l in zip(pred.detach().bool().cpu().numpy(), label.detach().bool().cpu().numpy()):
+        p, l = p[0], l[0]
+        sp, sl = skeletonize(p), skeletonize(l)
+        tprec = ((sp & l).sum() + eps) / (sp.sum() + eps)  # topology precision: predicted centre-line in the label
+        tsens = ((sl & p).sum() + eps) / (sl.sum() + eps)  # topology sensitivity: true centre-line in the prediction
+        out.append(2 * tprec * tsens / (tprec + tsens))
+    return torch.tensor(out, dtype=torch.float64)
 
 # %% ../nbs/api/05_train.ipynb #55b2dd66
 def curves_figure(history:Sequence[dict]) -> Figure:
@@ -318,6 +321,7 @@ def make_datasets(cfg:TrainConfig,                   # split fractions, seed, RO
                   synthetic:int|None=None,           # or this many phantoms; 12 when neither is given
                   work_dir='.',                      # phantoms are written to its `phantoms/` folder
                   phantom:PhantomConfig|None=None,   # what the phantoms look like
+                  cache_dir=None,                    # the disk cache's folder when over budget (`datasets`)
                  ) -> dict:                          # `datasets`' train, val, test and split
     "The run's datasets, from a checked folder or from phantoms seeded by `cfg.seed`; bad data is a `DataError`"
     if data_dir is not None and synthetic: raise ValueError("Pass data_dir or synthetic, not both")
@@ -326,9 +330,16 @@ def make_datasets(cfg:TrainConfig,                   # split fractions, seed, RO
                 generate_phantoms(synthetic or 12, Path(work_dir)/'phantoms', seed=cfg.seed * 1000, config=phantom,
                                   progress=live_bars())
         return datasets(cases, cfg.roi_size, cfg.pixdim, cfg.seed, cfg.cache, cfg.fractions, cfg.samples_per_case,
-                        cfg.num_workers)
+                        cfg.num_workers, cache_budget_gb=cfg.cache_budget_gb, cache_dir=cache_dir)
     except RuntimeError as e:
         raise (find_cause(e) or e) from None  # MONAI wraps a transform's error: show the DataError inside
+
+# %% ../nbs/api/05_train.ipynb #b0d9e7b1
+def cache_line(plan:dict) -> str:
+    "The one line said before training: how big the preprocessed cases are, the budget, and where they are cached"
+    if plan.get('mode') not in ('memory', 'disk'): return "preprocessing every case every epoch (no cache)"
+    where = 'in memory' if plan['mode'] == 'memory' else f"on disk in {plan['dir']}"
+    return f"{plan['cases']} cases ≈ {plan['need_gb']:g} GB preprocessed; budget {plan['budget_gb']:g} GB: {where}"
 
 # %% ../nbs/api/05_train.ipynb #28509e91
 @dataclass
@@ -505,14 +516,15 @@ class _RunContext:
 
 _CONTEXTS = dict(train='training', val='validation', test='test')  # MLflow's `mlflow.data.context` values
 
-def _log_inputs(r:_RunContext, data_dir, split:dict):
+def _log_inputs(r:_RunContext, data_dir, split:dict, cache:dict|None=None):
     "The run's params (configuration, device, precision, data, case counts, digest), its split, and dataset inputs"
     root = Path(data_dir) if data_dir else Path(split['train'][0]['image']).parent
     name = root.name if data_dir else 'phantoms'
     r.tracker.log_params({**asdict(r.cfg), 'device': r.proc.device.type, 'amp': str(r.amp).replace('torch.', ''),
                           'data': str(data_dir) if data_dir else f"synthetic:{sum(map(len, split.values()))}",
                           'cases': {k: len(v) for k, v in split.items()},
-                          'dataset_digest': dataset_digest([c for v in split.values() for c in v])})
+                          'dataset_digest': dataset_digest([c for v in split.values() for c in v]),
+                          **({'cache': cache} if cache else {})})
     for part, cases in split.items():  # the stock UI's Datasets: one input per part, with its role
         r.tracker.log_dataset(f"{name}/{part}", dataset_digest(cases), str(root), _CONTEXTS.get(part, part),
                               {'cases': len(cases), 'pixdim_mm': list(r.cfg.pixdim)})
@@ -533,11 +545,12 @@ def _resume(tracker, run_id:str, parts:TrainParts, state:dict) -> tuple[int, flo
     best_epoch = int(tracker.get_run_info(run_id).tags.get(TAG_BEST_EPOCH, -1))
     return last + 1, max((d.value for d in history('val_dice')), default=-1.0), best_epoch, len(history('train/loss'))
 
-def _begin(r:_RunContext, parts:TrainParts, data_dir, split:dict, resume:dict|None) -> tuple[EarlyStopping, range, int]:
+def _begin(r:_RunContext, parts:TrainParts, data_dir, split:dict, resume:dict|None,
+           cache:dict|None=None) -> tuple[EarlyStopping, range, int]:
     "Log a new run's inputs, or reload the run being resumed; return (the decider, the epochs to run, the next step)"
     stopper, start, step = EarlyStopping(r.cfg.patience, r.cfg.min_delta), 0, 0
     if resume is not None: start, stopper.best, stopper.best_epoch, step = _resume(r.tracker, r.run_id, parts, resume)
-    else: _log_inputs(r, data_dir, split)
+    else: _log_inputs(r, data_dir, split, cache)
     return stopper, range(start, start + r.cfg.epochs), step
 
 # %% ../nbs/api/05_train.ipynb #e38709ab
@@ -558,8 +571,9 @@ def _run_epochs(r:_RunContext, parts:TrainParts, loaders:Loaders, stopper:EarlyS
                 filer.file(epoch, parts, m, history, first, is_best, step, final=epoch == epochs[-1] or stopper.stop)
             bar.set_postfix(loss=f"{loss:.3f}", dice=f"{m.get('val_dice', math.nan):.3f}", best=f"{stopper.best:.3f}")
             if r.progress and not live and r.proc.rank == 0:
-                print(f"epoch {epoch + 1}/{epochs[-1] + 1}: loss {loss:.3f}, val_dice {m.get('val_dice', math.nan):.3f}, "
-                      f"best {stopper.best:.3f}, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+                print(f"epoch {epoch + 1}/{epochs[-1] + 1}: loss {loss:.3f}, "
+                      f"val_dice {m.get('val_dice', math.nan):.3f}, best {stopper.best:.3f}, "
+                      f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
             if _broadcast_flag(stopper.stop, r.proc.world, r.proc.device):  # rank 0 decides; the others follow
                 r.tracker.set_tag(TAG_EARLY_STOP, f"epoch {epoch}: no val_dice gain for {stopper.stale} validations")
@@ -626,9 +640,11 @@ def version_tags(res:TrainResult, cfg:TrainConfig, tracker=None) -> dict:
 
 def version_description(res:TrainResult, cfg:TrainConfig) -> str:
     "How to load the registered model and predict with it"
-    return (f"3D U-Net for coronary-artery segmentation (run {res.run_id}, best validation Dice {res.best_dice:.3f}).\n\n"
+    return (f"3D U-Net for coronary-artery segmentation (run {res.run_id}, "
+            f"best validation Dice {res.best_dice:.3f}).\n\n"
             "Load: `model = mlflow.pytorch.load_model('models:/<name>@<alias>')`.\n\n"
-            f"Predict: resample the CT to {tuple(cfg.pixdim)} mm in RAS, window {CT_WINDOW[0]:g}..{CT_WINDOW[1]:g} HU to [0, 1] "
+            f"Predict: resample the CT to {tuple(cfg.pixdim)} mm in RAS, "
+            f"window {CT_WINDOW[0]:g}..{CT_WINDOW[1]:g} HU to [0, 1] "
             "(`coronary_mlops.data.transforms(train=False)` does both), then "
             f"`monai.inferers.sliding_window_inference(x, {tuple(cfg.roi_size)}, {cfg.sw_batch_size}, model, "
             f"overlap={cfg.overlap})`; channel 1 of the argmax is the vessel mask.")
@@ -660,16 +676,18 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
     work = Path(work_dir or tempfile.mkdtemp(prefix='coronary-train-'))
     if proc.world > 1: work = work/f"rank{proc.rank}"
     work.mkdir(parents=True, exist_ok=True)
-    ds = make_datasets(cfg, data_dir, synthetic, work, phantom)
+    ds = make_datasets(cfg, data_dir, synthetic, work, phantom, cache_dir=Path(base.store_dir)/'cache')
+    if progress and proc.rank == 0: print(cache_line(ds['cache']), file=sys.stderr, flush=True)
     loaders, parts = make_loaders(ds, cfg, proc), build_parts(cfg, proc, amp)
     state = _resume_state(tracker, resume) if resume else None  # a bad checkpoint leaves the old run untouched
     with tracker.start_run(run_name=run_name, resume_run_id=resume, tags={TAG_TASK: 'coronary-segmentation'}) as run:
         r = _RunContext(tracker, run.run_id, cfg, proc, amp, work, progress)
-        stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], state)
+        stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], state, ds['cache'])
         history = _run_epochs(r, parts, loaders, stopper, epochs, step)
         result = _end(r, parts.model, ds['test'], stopper, history, onnx)
     if register and result.model_uri:
-        mv = registry.register_model(result.run_id, tracker=tracker, alias=alias, tags=version_tags(result, cfg, tracker),
+        mv = registry.register_model(result.run_id, tracker=tracker, alias=alias,
+                                     tags=version_tags(result, cfg, tracker),
                                      description=version_description(result, cfg))
         result.registered = f"{mv.name} v{mv.version} @{alias}"
     result.seconds = time.time() - t_start

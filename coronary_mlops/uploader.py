@@ -208,7 +208,8 @@ def _run_job(self:EpochUploader, job:Path, state:Snapshot|None=None, spool_on_fa
     spec = read_json((job/'job.json').read_text())
     _render(job, spec)
     if state is not None:
-        atomic_torch_save(state.state, safe_join(job/'tree', spec['checkpoint'])); self._give_back(state.slab); del state
+        atomic_torch_save(state.state, safe_join(job/'tree', spec['checkpoint']))
+        self._give_back(state.slab); del state
     elif spec['checkpoint'] and not safe_join(job/'tree', spec['checkpoint']).exists():
         spec['checkpoint_lost'] = True  # recovered after its process died before the worker wrote the weights
     err = None

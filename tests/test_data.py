@@ -65,3 +65,25 @@ def test_cache_and_plain_datasets_give_the_same_validation_volume(tmp_path):
     assert type(a['val']).__name__ == 'CacheDataset' and type(b['val']).__name__ == 'Dataset'
     assert np.allclose(a['val'][0]['image'], b['val'][0]['image'])
     assert a['split'] == b['split']
+
+
+def test_the_memory_budget_picks_memory_below_and_disk_above_and_a_second_run_reuses_the_disk_cache(tmp_path):
+    "Issue 13 (part): caching chosen by a budget from the headers; the disk cache is kept and reused"
+    import time
+    cases = generate_phantoms(4, tmp_path/'ph', config=PhantomConfig(shape=(32, 32, 32)), progress=False)
+    mem = datasets(cases, roi_size=(16, 16, 16), cache_budget_gb=1.0)
+    assert mem['cache']['mode'] == 'memory' and type(mem['val']).__name__ == 'CacheDataset'
+    need = mem['cache']['need_bytes']
+    assert need == 4 * 8 * 32**3  # 4 cases of 32³ at the phantoms' own 0.8 mm, 8 bytes a voxel (image and label)
+    disk = datasets(cases, roi_size=(16, 16, 16), cache_budget_gb=need / 2**30 / 2, cache_dir=tmp_path/'cache')
+    assert disk['cache']['mode'] == 'disk' and type(disk['test']).__name__ == 'PersistentDataset'
+    first = [disk[k][0] for k in ('val', 'test')]  # computes and writes the cases
+    files = {f: f.stat().st_mtime_ns for f in (tmp_path/'cache').rglob('*.pt')}
+    assert len(files) == 2
+    time.sleep(0.05)
+    again = datasets(cases, roi_size=(16, 16, 16), cache_budget_gb=need / 2**30 / 2, cache_dir=tmp_path/'cache')
+    second = [again[k][0] for k in ('val', 'test')]
+    assert {f: f.stat().st_mtime_ns for f in (tmp_path/'cache').rglob('*.pt')} == files  # read back, not recomputed
+    assert all(np.array_equal(a['image'], b['image']) for a, b in zip(first, second))
+    other = datasets(cases, roi_size=(16, 16, 16), pixdim=(1.0, 1.0, 1.0), cache_budget_gb=1e-9, cache_dir=tmp_path/'cache')
+    assert other['cache']['dir'] != disk['cache']['dir']  # another spacing: another cache

@@ -13,12 +13,13 @@ from typing import get_type_hints
 from fastcore.docments import docments
 from .config import load_settings, probe_server, redact_uri, Settings, SettingsError
 from .data import DataError, PhantomConfig
+from .predict import InputError, load_segmenter, predict_files
 from .tracker import MLflowTracker
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'sync_store', 'add_train_options', 'cli_parser',
-           'main']
+__all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'sync_store', 'predict_scans', 'add_train_options',
+           'cli_parser', 'main']
 
 # %% ../nbs/api/07_cli.ipynb #47cefb3e
 def store_report(s:Settings) -> str:
@@ -111,6 +112,22 @@ def sync_store(s:Settings) -> int:
           f"{r['pending']} records and {left} epochs still wait")
     return 0 if r['pending'] == 0 and left == 0 else 1
 
+# %% ../nbs/api/07_cli.ipynb #c0fdf557
+def predict_scans(s:Settings,        # the store the model is in
+                  model:str,         # models:/name@alias, models:/name/N, runs:/id/path, or a run id
+                  inputs:list,       # scan files and folders
+                  out:str,           # where `<case>_seg.nii.gz` go
+                  prob:bool=False,   # also write `<case>_prob.nii.gz`
+                  device=None,       # default: CUDA when present
+                  quiet:bool=False,  # no progress bar, no summary
+                 ) -> int:           # 0, or 2 when the model or an input is refused
+    "Segment `inputs` with `model` into `out` (`predict.predict_files`); print what was written"
+    try:
+        written = predict_files(load_segmenter(model, s, device), inputs, out, prob=prob, progress=not quiet)
+    except InputError as e: print(f"coronary-mlops predict: {e}", file=sys.stderr); return 2
+    if not quiet: print(f"wrote {len(written)} mask{'s' if len(written) != 1 else ''} to {Path(out).resolve()}")
+    return 0
+
 # %% ../nbs/api/07_cli.ipynb #fc7660b2
 _ALIASES = {'learning_rate': ('--lr',), 'roi_size': ('--roi',)}  # the short spellings the README uses
 _THREE = {'roi_size': 'X,Y,Z', 'pixdim': 'X,Y,Z', 'fractions': 'TRAIN,VAL,TEST'}  # one number means all three
@@ -150,7 +167,7 @@ def _store_options(p:argparse.ArgumentParser, default=None):
 
 # %% ../nbs/api/07_cli.ipynb #584b4f28
 def cli_parser() -> argparse.ArgumentParser:
-    "The `coronary-mlops` command's parser: `info`, `train`, `demo`, `ui` and `sync`"
+    "The `coronary-mlops` command's parser: `info`, `train`, `demo`, `ui`, `sync` and `predict`"
     p = argparse.ArgumentParser(prog='coronary-mlops', description="Notebook-first MLOps for coronary segmentation")
     _store_options(p)
     sub = p.add_subparsers(dest='command', required=True)
@@ -176,6 +193,13 @@ def cli_parser() -> argparse.ArgumentParser:
         add_train_options(c, defaults)
     cmd('ui', "open the MLflow UI on the store").add_argument('--port', type=int, default=5000)
     cmd('sync', "upload what an outage or a killed process left in the local spool")
+    pr = cmd('predict', "segment CT scans with a logged or registered model; masks on each scan's own grid")
+    pr.add_argument('model', help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a run id")
+    pr.add_argument('inputs', nargs='+', metavar='INPUT', help="NIfTI or NRRD scans, or folders of them")
+    pr.add_argument('--out', required=True, help="folder for <case>_seg.nii.gz (not a folder of the inputs)")
+    pr.add_argument('--prob', action='store_true', help="also write <case>_prob.nii.gz, the vessel probability")
+    pr.add_argument('--device', help="cpu, cuda or cuda:N (default: CUDA when present)")
+    pr.add_argument('--quiet', action='store_true', help="no progress bar")
     return p
 
 # %% ../nbs/api/07_cli.ipynb #516c796d
@@ -190,6 +214,7 @@ def main(argv:list[str]|None=None) -> int:
         return 0
     if a.command == 'ui': return ui(s, a.port)
     if a.command == 'sync': return sync_store(s)
+    if a.command == 'predict': return predict_scans(s, a.model, a.inputs, a.out, a.prob, a.device, a.quiet)
     opts = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
     try:
         if a.command == 'demo': demo(s, synthetic=a.synthetic, device=a.device, **opts)

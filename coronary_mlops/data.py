@@ -21,9 +21,10 @@ from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, Ens
                               RandShiftIntensityd, ScaleIntensityRanged, Spacingd, SpatialPadd, MapTransform)
 
 # %% auto #0
-__all__ = ['IMAGE_DIRS', 'LABEL_DIRS', 'CT_WINDOW', 'PhantomConfig', 'make_phantom', 'save_nifti', 'generate_phantoms',
-           'DataError', 'discover', 'read_header', 'check_pairs', 'dataset_digest', 'split_cases', 'CheckBinaryLabeld',
-           'find_cause', 'transforms', 'available_memory', 'preprocessed_bytes', 'cache_plan', 'datasets']
+__all__ = ['VOLUME_FILES', 'IMAGE_DIRS', 'LABEL_DIRS', 'CT_WINDOW', 'LPS_LABELS', 'PhantomConfig', 'make_phantom', 'save_nifti',
+           'generate_phantoms', 'DataError', 'discover', 'read_header', 'check_pairs', 'dataset_digest', 'split_cases',
+           'CheckBinaryLabeld', 'find_cause', 'transforms', 'available_memory', 'preprocessed_bytes', 'cache_plan',
+           'datasets']
 
 # %% ../nbs/api/04_data.ipynb #b6192bda
 @dataclass
@@ -160,11 +161,11 @@ def generate_phantoms(n:int,                          # how many
 class DataError(ValueError):
     "The data folder or a case in it cannot be used; the message says what to do"
 
-_VOL = re.compile(r'\.(nii\.gz|nii|nrrd|mha)$', re.I)
+VOLUME_FILES = re.compile(r'\.(nii\.gz|nii|nrrd|mha)$', re.I)
 IMAGE_DIRS = ('ctca', 'images', 'image', 'img', 'imagestr')
 LABEL_DIRS = ('annotations', 'labels', 'label', 'masks', 'labelstr')
 
-def _stem(p:Path) -> str: return _VOL.sub('', p.name)
+def _stem(p:Path) -> str: return VOLUME_FILES.sub('', p.name)
 
 def _pairs_by_dirs(root:Path) -> list[dict]|None:
     "Pairs from sibling image/label folders (ASOCA, Decathlon)"
@@ -172,8 +173,8 @@ def _pairs_by_dirs(root:Path) -> list[dict]|None:
     for img_dir in sorted(d for d in root.rglob('*') if d.is_dir() and d.name.lower() in IMAGE_DIRS):
         lab_dir = next((d for d in img_dir.parent.iterdir() if d.is_dir() and d.name.lower() in LABEL_DIRS), None)
         if lab_dir is None: continue
-        imgs = {_stem(f): f for f in img_dir.iterdir() if _VOL.search(f.name) and not f.name.startswith('._')}
-        labs = {_stem(f): f for f in lab_dir.iterdir() if _VOL.search(f.name) and not f.name.startswith('._')}
+        imgs = {_stem(f): f for f in img_dir.iterdir() if VOLUME_FILES.search(f.name) and not f.name.startswith('._')}
+        labs = {_stem(f): f for f in lab_dir.iterdir() if VOLUME_FILES.search(f.name) and not f.name.startswith('._')}
         for k in sorted(imgs):
             if k not in labs:
                 raise DataError(f"Image {imgs[k]} has no label in {lab_dir} "
@@ -305,7 +306,7 @@ def find_cause(e:BaseException, kind=None) -> BaseException|None:
 
 # %% ../nbs/api/04_data.ipynb #9ad12fbb
 CT_WINDOW = (-200.0, 700.0)  # HU mapped to [0, 1]: contrast-filled lumen and soft tissue, not bone or air
-_LPS_LABELS = (('L', 'R'), ('P', 'A'), ('I', 'S'))  # MONAI's default to date, given: no FutureWarning
+LPS_LABELS = (('L', 'R'), ('P', 'A'), ('I', 'S'))  # MONAI's default to date, given: no FutureWarning
 
 def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random crops
                pixdim=(0.8, 0.8, 0.8),      # spacing (mm) every volume is resampled to
@@ -316,7 +317,7 @@ def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random 
     "MONAI dictionary transforms for coronary CTA: load, orient, resample, window, crop; random patches when `train`"
     keys = ['image', 'label']
     t = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), CheckBinaryLabeld('label'),
-         Orientationd(keys, axcodes='RAS', labels=_LPS_LABELS),
+         Orientationd(keys, axcodes='RAS', labels=LPS_LABELS),
          Spacingd(keys, pixdim=pixdim, mode=('bilinear', 'nearest')),
          ScaleIntensityRanged('image', a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
          CropForegroundd(keys, source_key='image', select_fn=lambda x: x > 0.05, margin=4, allow_smaller=True)]

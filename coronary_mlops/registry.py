@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/registry.html.md"""
 
 # %% ../nbs/api/03_registry.ipynb #464f9f70
 from __future__ import annotations
-import contextlib, logging, re, time, warnings
+import contextlib, logging, os, re, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -27,10 +27,10 @@ from .storage import sha256_file
 from .tracker import MLflowTracker, RunInfo, TrackerError, kit_error
 
 # %% auto #0
-__all__ = ['STAGE_ALIASES', 'STAGES', 'model_name', 'quiet_export', 'log_model', 'find_model_uri', 'check_alias',
-           'register_model', 'set_alias', 'get_version', 'model_uri', 'set_stage', 'promote_best', 'label_key',
-           'sync_tags', 'read_tags', 'list_artifacts', 'check_downloads', 'download_artifacts', 'ui_url', 'check_onnx',
-           'export_onnx']
+__all__ = ['STAGE_ALIASES', 'STAGES', 'model_name', 'quiet_export', 'resolving_in', 'log_model', 'log_pyfunc', 'find_model_uri',
+           'check_alias', 'register_model', 'set_alias', 'get_version', 'model_uri', 'set_stage', 'promote_best',
+           'label_key', 'sync_tags', 'read_tags', 'list_artifacts', 'check_downloads', 'download_artifacts', 'ui_url',
+           'check_onnx', 'export_onnx']
 
 # %% ../nbs/api/03_registry.ipynb #e6288537
 log = logging.getLogger('coronary_mlops.registry')
@@ -75,15 +75,18 @@ def quiet_export(*loggers:str):
 
 # %% ../nbs/api/03_registry.ipynb #52c7dbc6
 @contextlib.contextmanager
-def _resolving_in(settings:Settings):
-    "Point MLflow's global tracking URI at this store for one call, then restore it"
+def resolving_in(settings:Settings):
+    "Point MLflow's global tracking URI at `settings`' store for the block, then restore it"
     # MLflow resolves some things with MlflowClient() on the *global* tracking URI, not the calling client's: a
     # LoggedModel's store when logging it, and a `models:/<model_id>` source when registering it (a TODO in its
     # SqlAlchemyStore.create_model_version). From a fresh process that would be ./mlflow.db
+    # MLflow mirrors its global URI into MLFLOW_TRACKING_URI; restoring the *default* URI would leave that variable
+    # set to ./mlflow.db, and every later `load_settings()` would read it: unset stays unset
+    was_set = 'MLFLOW_TRACKING_URI' in os.environ
     old = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(settings.tracking_uri)
     try: yield
-    finally: mlflow.set_tracking_uri(old)
+    finally: mlflow.set_tracking_uri(old if was_set else None)
 
 # %% ../nbs/api/03_registry.ipynb #9ebf4862
 def log_model(model:torch.nn.Module,    # the trained network (on the CPU, in eval mode)
@@ -93,6 +96,7 @@ def log_model(model:torch.nn.Module,    # the trained network (on the CPU, in ev
               best_metrics:Mapping|None=None, # that epoch's metrics, logged as `best_<name>` linked to the model
               name:str='model',         # the LoggedModel's name
               pip_requirements:Sequence[str]|None=None, # default: this torch version and monai
+              metadata:Mapping|None=None, # kept in the model's MLmodel file (e.g. its preprocessing)
               tracker:MLflowTracker|None=None, # the store, as a tracker...
               settings:Settings|None=None,     # ...or settings...
               client:MlflowClient|None=None,   # ...or a client; default: `load_settings()`
@@ -100,14 +104,38 @@ def log_model(model:torch.nn.Module,    # the trained network (on the CPU, in ev
     "Log `model` into run `run_id` as a pt2 LoggedModel, with the metrics of its epoch linked to it"
     settings, client = _ctx(tracker, settings, client)
     reqs = list(pip_requirements or [f"torch=={torch.__version__.split('+')[0]}", 'monai'])
-    with _refusal(f"log a model into run {run_id}", settings), _resolving_in(settings), quiet_export('torch._export'):
+    with _refusal(f"log a model into run {run_id}", settings), resolving_in(settings), quiet_export('torch._export'):
         mi = mlflow.pytorch.log_model(model, name=name, input_example=example.numpy(), serialization_format='pt2',
-                                      pip_requirements=reqs, step=step, run_id=run_id)
+                                      pip_requirements=reqs, step=step, run_id=run_id,
+                                      metadata=dict(metadata or {}))
         if best_metrics:
             ts = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(f"best_{k}", float(v), ts, step, model_id=mi.model_id)
                                               for k, v in best_metrics.items()])
     return mi
+
+# %% ../nbs/api/03_registry.ipynb #a1b2c3d6
+def log_pyfunc(python_model:mlflow.pyfunc.PythonModel|str, # what `predict` runs, or a file that sets it
+               run_id:str,               # the run the model belongs to
+               *, name:str='segmenter',  # the LoggedModel's name
+               artifacts:Mapping|None=None,    # files the model needs (`context.artifacts` when it loads)
+               model_config:Mapping|None=None, # settings it reads back (`context.model_config`)
+               metadata:Mapping|None=None,     # kept in the MLmodel file
+               code_paths:Sequence[str]|None=None, # source folders shipped with the model
+               step:int=0,               # the step (epoch) the model is linked to
+               pip_requirements:Sequence[str]|None=None, # default: this torch version, monai and nibabel
+               tracker:MLflowTracker|None=None, settings:Settings|None=None, client:MlflowClient|None=None,
+              ) -> ModelInfo:
+    "Log `python_model` into run `run_id` as a pyfunc LoggedModel (MLflow's `mlflow.pyfunc.log_model`)"
+    settings, client = _ctx(tracker, settings, client)
+    reqs = list(pip_requirements or [f"torch=={torch.__version__.split('+')[0]}", 'monai', 'nibabel'])
+    with (_refusal(f"log a model into run {run_id}", settings), resolving_in(settings), quiet_export(),
+          quiet_downloads()):
+        # `mlflow.pyfunc.log_model` logs into the active run only; `Model.log` (which it calls) takes the run's id
+        return mlflow.models.Model.log(None, name=name, flavor=mlflow.pyfunc, python_model=python_model, run_id=run_id,
+                                       artifacts=dict(artifacts or {}), model_config=dict(model_config or {}),
+                                       metadata=dict(metadata or {}), code_paths=list(code_paths or []) or None,
+                                       pip_requirements=reqs, step=step)
 
 # %% ../nbs/api/03_registry.ipynb #ffc1fdec
 def find_model_uri(run_id:str, client:MlflowClient) -> tuple[str, str|None]:
@@ -159,7 +187,7 @@ def register_model(run_id:str,                # a FINISHED run with a logged mod
         try: client.create_registered_model(name, description=description)
         except MlflowException as e:
             if e.error_code not in ('RESOURCE_ALREADY_EXISTS', 'ALREADY_EXISTS'): raise
-        with _resolving_in(settings):
+        with resolving_in(settings):
             tags = {k: str(v) for k, v in (tags or {}).items()}
             mv = client.create_model_version(name, model_uri, run_id=run_id, tags=tags, description=description,
                                              await_creation_for=await_seconds, model_id=model_id)

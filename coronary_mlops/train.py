@@ -14,7 +14,6 @@ from typing import Sequence
 import numpy as np
 import torch
 import matplotlib, matplotlib.image
-from skimage.morphology import skeletonize
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from fastcore.basics import patch
@@ -22,7 +21,6 @@ from monai.data import DataLoader, decollate_batch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.networks.nets import UNet
 from monai.transforms import AsDiscrete
 from monai.utils import set_determinism
 from torch.utils.data.distributed import DistributedSampler
@@ -31,14 +29,16 @@ from .layout import TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_TAS
 from .storage import snapshot_state
 from .tracker import MLflowTracker
 from .data import CT_WINDOW, dataset_digest, datasets, discover, find_cause, generate_phantoms, PhantomConfig
+from .evaluate import cldice, evaluate_cases, summarize, write_cases_csv
+from .predict import Preprocessing, Segmenter, log_segmenter, unet
 from . import registry
 
 # %% auto #0
-__all__ = ['CURVES_BUDGET', 'TrainConfig', 'build_model', 'cldice', 'curves_figure', 'overlay_image', 'save_png', 'pick_device',
-           'amp_dtype', 'TrainingOOMError', 'oom_hint', 'dist_info', 'DistContext', 'setup_process', 'evaluate',
-           'TrainResult', 'live_bars', 'make_datasets', 'cache_line', 'Loaders', 'make_loaders', 'TrainParts',
-           'build_parts', 'train_epoch', 'validate', 'EarlyStopping', 'EpochFiler', 'run_description', 'version_tags',
-           'version_description', 'train']
+__all__ = ['CURVES_BUDGET', 'TrainConfig', 'build_model', 'network_config', 'preprocessing', 'curves_figure', 'overlay_image',
+           'save_png', 'pick_device', 'amp_dtype', 'TrainingOOMError', 'oom_hint', 'dist_info', 'DistContext',
+           'setup_process', 'evaluate', 'TrainResult', 'live_bars', 'make_datasets', 'cache_line', 'Loaders',
+           'make_loaders', 'TrainParts', 'build_parts', 'train_epoch', 'validate', 'EarlyStopping', 'EpochFiler',
+           'run_description', 'version_tags', 'version_description', 'train']
 
 # %% ../nbs/api/05_train.ipynb #0cbf7d91
 @dataclass
@@ -90,23 +90,16 @@ def from_settings(cls:TrainConfig, settings:Settings|None=None, **overrides) -> 
 # %% ../nbs/api/05_train.ipynb #bc50c63c
 def build_model(cfg:TrainConfig) -> torch.nn.Module:
     "MONAI's 3D U-Net for one input channel (CT) and two classes"
-    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=cfg.channels, strides=cfg.strides,
-                num_res_units=cfg.num_res_units)
+    return unet(**network_config(cfg))
 
-# %% ../nbs/api/05_train.ipynb #69ac6df8
-def cldice(pred:torch.Tensor,  # binary prediction, (B, 1, …)
-           label:torch.Tensor, # binary label, the same shape
-           eps:float=1e-6,     # keeps empty skeletons finite: a term whose skeleton is empty counts 1
-          ) -> torch.Tensor:   # clDice per item, (B,)
-    "Centre-line Dice per item of binary (B, 1, …) masks, with hard morphological skeletons (Shit et al., CVPR 2021)"
-    out = []
-    for p, l in zip(pred.detach().bool().cpu().numpy(), label.detach().bool().cpu().numpy()):
-        p, l = p[0], l[0]
-        sp, sl = skeletonize(p), skeletonize(l)
-        tprec = ((sp & l).sum() + eps) / (sp.sum() + eps)  # topology precision: predicted centre-line in the label
-        tsens = ((sl & p).sum() + eps) / (sl.sum() + eps)  # topology sensitivity: true centre-line in the prediction
-        out.append(2 * tprec * tsens / (tprec + tsens))
-    return torch.tensor(out, dtype=torch.float64)
+def network_config(cfg:TrainConfig) -> dict:
+    "The numbers that describe the network (`predict.unet`'s arguments): saved with the model"
+    return dict(channels=cfg.channels, strides=cfg.strides, num_res_units=cfg.num_res_units)
+
+def preprocessing(cfg:TrainConfig) -> Preprocessing:
+    "What a CT goes through before the network, and the sliding window: saved with the model"
+    return Preprocessing(pixdim=tuple(cfg.pixdim), window=CT_WINDOW, roi_size=tuple(cfg.roi_size),
+                         sw_batch_size=cfg.sw_batch_size, overlap=cfg.overlap)
 
 # %% ../nbs/api/05_train.ipynb #55b2dd66
 def curves_figure(history:Sequence[dict]) -> Figure:
@@ -297,11 +290,13 @@ class TrainResult:
     best_epoch:int             # its epoch
     epochs_run:int             # epochs trained in this call (fewer than asked after early stopping)
     history:list               # per epoch: train_loss, lr and, when validated, val_dice, val_cldice and val_hd95
-    model_uri:str|None = None  # the final model (`models:/<model_id>`), for `mlflow.pytorch.load_model`
+    model_uri:str|None = None  # the final network (`models:/<model_id>`), for `mlflow.pytorch.load_model`
+    segmenter_uri:str|None = None # the same weights with their preprocessing, for `mlflow.pyfunc` and `predict`
     registered:str|None = None # `name vN @alias` when registered
     onnx_path:str|None = None  # where the ONNX export is in the run (`runs:/<id>/onnx/model.onnx`), when exported
     seconds:float = 0.0        # wall time
-    test:dict = field(default_factory=dict) # held-out test metrics of the final model
+    test:dict = field(default_factory=dict) # held-out test metrics of the final model, on each case's own grid
+    cases:list = field(default_factory=list) # the held-out test table: one row per case (`evaluate.case_metrics`)
     def _repr_markdown_(self):
         return (f"run `{self.run_id}`: best validation Dice **{self.best_dice:.3f}** at epoch {self.best_epoch} "
                 f"({self.epochs_run} epochs, {self.seconds:.0f} s)"
@@ -591,9 +586,12 @@ def _finish(r:_RunContext, model, result:TrainResult, onnx:bool) -> bool:
     example = torch.rand(1, 1, *r.cfg.roi_size, generator=torch.Generator().manual_seed(r.cfg.seed))
     best = next((h for h in result.history if h['epoch'] == result.best_epoch), {})
     best_metrics = {k: v for k, v in best.items() if k.startswith('val_')}
-    mi = registry.log_model(model, example, r.run_id, step=max(result.best_epoch, 0), best_metrics=best_metrics,
-                            tracker=r.tracker)
+    step, net, prep = max(result.best_epoch, 0), network_config(r.cfg), preprocessing(r.cfg)
+    mi = registry.log_model(model, example, r.run_id, step=step, best_metrics=best_metrics, tracker=r.tracker,
+                            metadata=dict(network={k: list(v) for k, v in net.items() if isinstance(v, tuple)},
+                                          preprocessing=prep.to_dict()))
     result.model_uri = mi.model_uri
+    result.segmenter_uri = log_segmenter(model, net, prep, r.run_id, step=step, tracker=r.tracker).model_uri
     if onnx:
         p = registry.export_onnx(model, example, r.work/'model.onnx', run_id=r.run_id, tracker=r.tracker)
         result.onnx_path = f"runs:/{r.run_id}/onnx/{p.name}"  # not the work folder's copy, which may be temporary
@@ -601,7 +599,7 @@ def _finish(r:_RunContext, model, result:TrainResult, onnx:bool) -> bool:
     return True
 
 # %% ../nbs/api/05_train.ipynb #943a86c7
-def _end(r:_RunContext, model, test_set, stopper:EarlyStopping, history:list, onnx:bool) -> TrainResult:
+def _end(r:_RunContext, model, test_cases:list, stopper:EarlyStopping, history:list, onnx:bool) -> TrainResult:
     "Wait for the uploads and leave the process group; then, on rank 0, the final model and its held-out test"
     r.tracker.artifacts.flush()
     if r.proc.world > 1:  # the rest (final model, test set, registration) is rank 0's alone
@@ -609,22 +607,33 @@ def _end(r:_RunContext, model, test_set, stopper:EarlyStopping, history:list, on
         dist.barrier(); dist.destroy_process_group()
     result = TrainResult(r.run_id, stopper.best, stopper.best_epoch, len(history), history)
     if r.proc.rank == 0 and _finish(r, model, result, onnx):  # the best weights are loaded: test them once
-        loader = DataLoader(test_set, batch_size=1, num_workers=r.cfg.num_workers)
-        m, _ = evaluate(model, loader, r.cfg, r.proc.device, r.amp)
-        result.test = {k.replace('val_', 'test_'): v for k, v in m.items()}
+        # on each case's own grid, as published tables are: the prediction is inverted back to it
+        seg = Segmenter(model, preprocessing(r.cfg), r.proc.device, r.amp)
+        result.cases = evaluate_cases(seg, test_cases, progress=r.progress and live_bars())
+        result.test = summarize(result.cases)
         r.tracker.log_metrics(result.test, step=max(stopper.best_epoch, 0))
+        r.tracker.log_artifact(write_cases_csv(result.cases, r.work/'cases.csv'), 'test')
         r.tracker.set_tag('mlflow.note.content', run_description(result))  # the run page's description
     return result
 
 # %% ../nbs/api/05_train.ipynb #d3c0a1e2
 def run_description(res:TrainResult) -> str:
-    "Markdown for the run page: the outcome, the best epoch's and the held-out metrics, and how to load the model"
+    "Markdown for the run page: the outcome, the best epoch's and the held-out metrics, the cases, how to load"
     best = next((h for h in res.history if h['epoch'] == res.best_epoch), {})
     rows = [(k, v) for k, v in best.items() if k.startswith('val_')] + list(res.test.items())
     table = '\n'.join(f"| `{k}` | {v:.4g} |" for k, v in rows)
-    load = f"\n\nLoad it with `mlflow.pytorch.load_model('{res.model_uri}')`." if res.model_uri else ''
+    cases = ''
+    if res.cases:
+        cols = list(res.cases[0])
+        cases = ('\n\nHeld-out cases (`test/cases.csv`):\n\n| ' + ' | '.join(cols) + ' |\n|' + '---|' * len(cols) + '\n'
+                 + '\n'.join('| ' + ' | '.join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in c.values())
+                             + ' |' for c in res.cases[:20]))
+    load = (f"\n\nLoad the network with `mlflow.pytorch.load_model('{res.model_uri}')`" if res.model_uri else '') + \
+           (f"; segment scans with `coronary-mlops predict {res.segmenter_uri} SCAN --out DIR`." if res.segmenter_uri
+            else '.' if res.model_uri else '')
     return (f"**Best validation Dice {res.best_dice:.3f}** at epoch {res.best_epoch} ({res.epochs_run} epochs run). "
-            f"Metrics on the resampled grid; HD95 in mm.\n\n| metric | value |\n|---|---|\n{table}{load}")
+            "`val_*` on the resampled grid; `test_*` on each case's original grid (HD95 and ASSD in mm)."
+            f"\n\n| metric | value |\n|---|---|\n{table}{cases}{load}")
 
 # %% ../nbs/api/05_train.ipynb #d3c0a1e5
 def version_tags(res:TrainResult, cfg:TrainConfig, tracker=None) -> dict:
@@ -639,15 +648,16 @@ def version_tags(res:TrainResult, cfg:TrainConfig, tracker=None) -> dict:
     return tags
 
 def version_description(res:TrainResult, cfg:TrainConfig) -> str:
-    "How to load the registered model and predict with it"
+    "How to predict with the registered model, and where the bare network is"
     return (f"3D U-Net for coronary-artery segmentation (run {res.run_id}, "
             f"best validation Dice {res.best_dice:.3f}).\n\n"
-            "Load: `model = mlflow.pytorch.load_model('models:/<name>@<alias>')`.\n\n"
-            f"Predict: resample the CT to {tuple(cfg.pixdim)} mm in RAS, "
-            f"window {CT_WINDOW[0]:g}..{CT_WINDOW[1]:g} HU to [0, 1] "
-            "(`coronary_mlops.data.transforms(train=False)` does both), then "
-            f"`monai.inferers.sliding_window_inference(x, {tuple(cfg.roi_size)}, {cfg.sw_batch_size}, model, "
-            f"overlap={cfg.overlap})`; channel 1 of the argmax is the vessel mask.")
+            "This version is an MLflow pyfunc that carries its preprocessing (RAS, "
+            f"{tuple(cfg.pixdim)} mm, window {CT_WINDOW[0]:g}..{CT_WINDOW[1]:g} HU, sliding window "
+            f"{tuple(cfg.roi_size)}) and returns masks on each scan's own grid:\n\n"
+            "- `coronary-mlops predict models:/<name>@<alias> scan.nii.gz --out masks/`\n"
+            "- `mlflow.pyfunc.load_model('models:/<name>@<alias>').predict(['scan.nii.gz'])`\n"
+            "- `mlflow models serve -m models:/<name>@<alias> --env-manager local`\n\n"
+            f"The bare network (torch): `mlflow.pytorch.load_model('{res.model_uri}')`.")
 
 # %% ../nbs/api/05_train.ipynb #2ea5a135
 def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainConfig.from_settings` of the tracker's
@@ -684,9 +694,9 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
         r = _RunContext(tracker, run.run_id, cfg, proc, amp, work, progress)
         stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], state, ds['cache'])
         history = _run_epochs(r, parts, loaders, stopper, epochs, step)
-        result = _end(r, parts.model, ds['test'], stopper, history, onnx)
+        result = _end(r, parts.model, ds['split']['test'], stopper, history, onnx)
     if register and result.model_uri:
-        mv = registry.register_model(result.run_id, tracker=tracker, alias=alias,
+        mv = registry.register_model(result.run_id, tracker=tracker, alias=alias, model_uri=result.segmenter_uri,
                                      tags=version_tags(result, cfg, tracker),
                                      description=version_description(result, cfg))
         result.registered = f"{mv.name} v{mv.version} @{alias}"

@@ -192,7 +192,7 @@ def test_stock_mlflow_ui_shows_a_kit_run_like_a_fluent_run(browser, tmp_path):
                       timeout=90_000)
             page.get_by_text('dataset_digest').first.wait_for(timeout=60_000)
             body = page.locator('body').inner_text()
-            assert mv.tags['dataset_digest'] in body and 'val_dice' in body and 'sliding_window_inference' in body
+            assert mv.tags['dataset_digest'] in body and 'val_dice' in body and 'mlflow models serve' in body
             page.screenshot(path=str(ARTIFACTS/'mlflow_model_version.png'), full_page=True)
         except Exception:
             page.screenshot(path=str(ARTIFACTS/'mlflow_failure.png'), full_page=True)

@@ -42,7 +42,7 @@ def test_demo_logs_a_finished_registered_run_into_the_default_store_from_any_fol
     assert sorted(inputs) == ['phantoms/test', 'phantoms/train', 'phantoms/val']
     assert {d.tags[0].value for d in inputs.values()} == {'training', 'validation', 'test'}
     assert champ.tags['dataset_digest'] == run.data.params['dataset_digest'] and 'val_dice' in champ.tags
-    assert 'sliding_window_inference' in champ.description
+    assert 'coronary-mlops predict models:/' in champ.description and 'mlflow models serve' in champ.description
     assert not list(clean_env.glob('*/mlruns')) and not list(clean_env.glob('*/mlflow.db'))
 
 

@@ -28,7 +28,7 @@ EPOCHS, ROUNDS = 8, 5
 
 def bare_loop(cfg, cases, cache=True):
     "The same training and validation as train(), with nothing logged; returns per-epoch seconds and the history"
-    set_determinism(cfg.seed)
+    set_determinism(cfg.seed); cfg = cfg.planned()  # the phantoms' spacing and window, as train() plans them
     ds = datasets(cases, cfg.roi_size, cfg.pixdim, cfg.seed, cache, cfg.fractions, cfg.samples_per_case, 0)
     dev = pick_device(); amp = amp_dtype(dev, cfg.amp)
     tl = DataLoader(ds['train'], batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, shlex, subprocess, sys, time
 from dataclasses import fields
 from pathlib import Path
-from typing import get_type_hints
+from typing import get_args, get_type_hints
 from fastcore.docments import docments
 from .config import load_settings, probe_server, redact_uri, Settings, SettingsError
 from .data import DataError, PhantomConfig
@@ -131,6 +131,7 @@ def predict_scans(s:Settings,        # the store the model is in
 # %% ../nbs/api/07_cli.ipynb #fc7660b2
 _ALIASES = {'learning_rate': ('--lr',), 'roi_size': ('--roi',)}  # the short spellings the README uses
 _THREE = {'roi_size': 'X,Y,Z', 'pixdim': 'X,Y,Z', 'fractions': 'TRAIN,VAL,TEST'}  # one number means all three
+_METAVARS = {**_THREE, 'window': 'LO,HI'}
 _FROM_SETTINGS = {f.name for f in fields(Settings)}
 
 def _numbers(cast, three:bool=False):
@@ -148,13 +149,15 @@ def add_train_options(p:argparse.ArgumentParser, defaults:dict|None=None):
     docs, hints, defaults = docments(TrainConfig), get_type_hints(TrainConfig), defaults or {}
     for f in fields(TrainConfig):
         names, t = (f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, ())), hints[f.name]
+        t = next((a for a in get_args(t) if a is not type(None)), t)  # `tuple|None`: None means planned
         shown = defaults.get(f.name, 'settings.ini [training]' if f.name in _FROM_SETTINGS else f.default)
+        if shown is None: shown = 'planned from the data'
         shown = ','.join(map(str, shown)) if isinstance(shown, tuple) else shown
         kw = dict(dest=f.name, help=f"{docs[f.name]} (default: {shown})".replace('%', '%%'))
         if t is bool: p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif t is tuple:
-            cast = float if isinstance(f.default[0], float) else int
-            p.add_argument(*names, type=_numbers(cast, f.name in _THREE), metavar=_THREE.get(f.name, 'N,N,…'), **kw)
+            cast = int if f.default and isinstance(f.default[0], int) else float
+            p.add_argument(*names, type=_numbers(cast, f.name in _THREE), metavar=_METAVARS.get(f.name, 'N,N,…'), **kw)
         else: p.add_argument(*names, type=t, metavar='N' if t is int else 'X', **kw)
 
 # %% ../nbs/api/07_cli.ipynb #fb48d7be

@@ -16,15 +16,16 @@ import torch
 from tqdm.auto import tqdm
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
-from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, GaussianSmooth, LoadImaged,
-                              Orientationd, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, RandScaleIntensityd,
-                              RandShiftIntensityd, ScaleIntensityRanged, Spacingd, SpatialPadd, MapTransform)
+from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, GaussianSmooth,
+                              LoadImage, LoadImaged, Orientationd, RandCropByPosNegLabeld, RandFlipd, RandRotate90d,
+                              RandScaleIntensityd, RandShiftIntensityd, ScaleIntensityRanged, Spacingd, SpatialPadd,
+                              MapTransform)
 
 # %% auto #0
 __all__ = ['VOLUME_FILES', 'IMAGE_DIRS', 'LABEL_DIRS', 'CT_WINDOW', 'LPS_LABELS', 'PhantomConfig', 'make_phantom', 'save_nifti',
            'generate_phantoms', 'DataError', 'discover', 'read_header', 'check_pairs', 'dataset_digest', 'split_cases',
-           'CheckBinaryLabeld', 'find_cause', 'transforms', 'available_memory', 'preprocessed_bytes', 'cache_plan',
-           'datasets']
+           'CheckBinaryLabeld', 'find_cause', 'transforms', 'ras_spacing', 'fingerprint', 'plan_preprocessing',
+           'available_memory', 'preprocessed_bytes', 'cache_plan', 'datasets']
 
 # %% ../nbs/api/04_data.ipynb #b6192bda
 @dataclass
@@ -330,6 +331,46 @@ def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random 
               RandScaleIntensityd('image', factors=0.1, prob=0.5), RandShiftIntensityd('image', offsets=0.05, prob=0.5)]
     return Compose(t + [EnsureTyped(keys, track_meta=False)])
 
+# %% ../nbs/api/04_data.ipynb #p970d49d
+def ras_spacing(path:str) -> tuple:
+    "A volume's spacing (mm) in RAS axis order, the order `Orientationd('RAS')` leaves it in, from its header"
+    if path.lower().endswith('.nrrd'):
+        import nrrd
+        h = nrrd.read_header(path)
+        affine = np.eye(4); affine[:3, :3] = np.asarray(h['space directions'], float).T
+    else: affine = nib.load(path).affine
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    out = np.zeros(3)
+    for i, (ax, _) in enumerate(nib.orientations.io_orientation(affine)): out[int(ax)] = zooms[i]
+    return tuple(round(float(z), 5) for z in out)  # headers store float32: 0.4 reads as 0.40000000596
+
+def fingerprint(cases:Sequence[dict],  # `{image, label}` pairs
+                sample:int=8,          # cases whose voxels are read
+                voxels:int=20_000,     # foreground voxels kept from each
+                seed:int=0,            # picks the sampled cases and voxels
+               ) -> dict:
+    "Spacings (RAS order) and shapes from every header; vessel intensity percentiles from a sample of cases"
+    rng = np.random.default_rng(seed)
+    spacings = np.array([ras_spacing(c['image']) for c in cases])
+    shapes = np.array([read_header(c['image'])[0] for c in cases])
+    fg = []
+    for i in sorted(rng.choice(len(cases), min(sample, len(cases)), replace=False)):
+        img, lab = (LoadImage(image_only=True)(cases[i][k]) for k in ('image', 'label'))
+        v = np.asarray(img)[np.asarray(lab) > 0]
+        fg.append(rng.choice(v, min(voxels, v.size), replace=False) if v.size else v)
+    fg = np.concatenate(fg) if fg else np.zeros(0)
+    pct = dict(zip(('p00_5', 'p50', 'p99_5'), np.percentile(fg, [0.5, 50, 99.5]).tolist())) if fg.size else {}
+    return dict(cases=len(cases), spacing_median=np.median(spacings, 0).round(4).tolist(),
+                spacing_min=spacings.min(0).round(4).tolist(), spacing_max=spacings.max(0).round(4).tolist(),
+                shape_median=np.median(shapes, 0).astype(int).tolist(), fg_cases=min(sample, len(cases)),
+                fg_voxels=int(fg.size), **{f"fg_hu_{k}": round(v, 1) for k, v in pct.items()})
+
+def plan_preprocessing(fp:dict) -> dict:
+    "Target spacing (the median) and CT window (vessel intensity 0.5–99.5 percentiles) from a `fingerprint`"
+    if not fp.get('fg_voxels'): raise DataError("The sampled labels hold no vessel voxels: the CT window cannot be "
+                                                "planned. Check the labels, or pass window=(lo, hi) in HU.")
+    return dict(pixdim=tuple(fp['spacing_median']), window=(fp['fg_hu_p00_5'], fp['fg_hu_p99_5']))
+
 # %% ../nbs/api/04_data.ipynb #b0d9e7a2
 def available_memory() -> int:
     "Bytes of memory this process could still take: /proc/meminfo's MemAvailable, capped by a cgroup v2 limit"
@@ -373,16 +414,17 @@ def datasets(cases:Sequence[dict],          # `[{image, label}]`, e.g. from `dis
              progress:bool=False,           # show the caching progress bar
              cache_budget_gb:float=0.0,     # memory the cache may take; 0: half the available memory
              cache_dir=None,                # the disk cache's folder when over budget; a temporary one if None
+             window=CT_WINDOW,              # the CT window (HU) mapped to [0, 1]
             ) -> dict:                      # the three datasets, `split` (their case paths) and `cache` (`cache_plan`)
     "`{'train', 'val', 'test'}` MONAI datasets, `'split'` (the case paths) and `'cache'` (where they are cached)"
     split = split_cases(check_pairs(cases), fractions, seed)
     plan = cache_plan(cases, pixdim, cache_budget_gb) if cache else dict(mode='none')
     if plan['mode'] == 'disk':
-        key = hashlib.sha256(json.dumps([list(pixdim), list(CT_WINDOW)]).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps([list(pixdim), list(window)]).encode()).hexdigest()[:12]
         plan['dir'] = str(Path(cache_dir or tempfile.mkdtemp(prefix='coronary-cache-'))/f"pixdim-window-{key}")
     def make(part):
         data, t = [{'image': c['image'], 'label': c['label']} for c in split[part]], \
-                  transforms(roi_size, pixdim, train=(part == 'train'), num_samples=num_samples)
+                  transforms(roi_size, pixdim, window, train=(part == 'train'), num_samples=num_samples)
         if plan['mode'] == 'memory':
             return CacheDataset(data, t, cache_rate=1.0, num_workers=num_workers, progress=progress)
         if plan['mode'] == 'disk': return PersistentDataset(data, t, cache_dir=plan['dir'], hash_func=_stamped_hash)

@@ -8,7 +8,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/train.html.md"""
 from __future__ import annotations
 import json, math, os, shutil, sys, tempfile, time, warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, asdict, field, fields
+from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -28,7 +28,8 @@ from .config import Settings, load_settings
 from .layout import TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_TASK
 from .storage import snapshot_state
 from .tracker import MLflowTracker
-from .data import CT_WINDOW, dataset_digest, datasets, discover, find_cause, generate_phantoms, PhantomConfig
+from .data import (CT_WINDOW, check_pairs, dataset_digest, datasets, discover, find_cause, fingerprint,
+                                 generate_phantoms, plan_preprocessing, PhantomConfig)
 from .evaluate import cldice, evaluate_cases, summarize, write_cases_csv
 from .predict import Preprocessing, Segmenter, log_segmenter, unet
 from . import registry
@@ -36,9 +37,9 @@ from . import registry
 # %% auto #0
 __all__ = ['CURVES_BUDGET', 'TrainConfig', 'build_model', 'network_config', 'preprocessing', 'curves_figure', 'overlay_image',
            'save_png', 'pick_device', 'amp_dtype', 'TrainingOOMError', 'oom_hint', 'dist_info', 'DistContext',
-           'setup_process', 'evaluate', 'TrainResult', 'live_bars', 'make_datasets', 'cache_line', 'Loaders',
-           'make_loaders', 'TrainParts', 'build_parts', 'train_epoch', 'validate', 'EarlyStopping', 'EpochFiler',
-           'run_description', 'version_tags', 'version_description', 'train']
+           'setup_process', 'evaluate', 'TrainResult', 'live_bars', 'plan_run', 'make_datasets', 'cache_line',
+           'Loaders', 'make_loaders', 'TrainParts', 'build_parts', 'train_epoch', 'validate', 'EarlyStopping',
+           'EpochFiler', 'run_description', 'version_tags', 'version_description', 'train']
 
 # %% ../nbs/api/05_train.ipynb #0cbf7d91
 @dataclass
@@ -50,7 +51,8 @@ class TrainConfig:
     weight_decay:float = 1e-5           # AdamW's weight decay
     seed:int = 42                       # seeds the split, the phantoms, the weights and the random patches
     roi_size:tuple = (48, 48, 48)       # patch size in voxels, for training and for the sliding window
-    pixdim:tuple = (0.8, 0.8, 0.8)      # voxel spacing (mm) every volume is resampled to
+    pixdim:tuple|None = None            # spacing (mm) to resample to; unset: the data's median spacing
+    window:tuple|None = None            # HU mapped to [0, 1]; unset: vessel HU 0.5-99.5 %; --window=-200,700
     channels:tuple = (16, 32, 64, 128)  # U-Net feature channels, one per level
     strides:tuple = (2, 2, 2)           # U-Net downsampling between levels
     num_res_units:int = 1               # residual units per U-Net block
@@ -72,6 +74,10 @@ class TrainConfig:
         if len(self.roi_size) != 3 or min(self.roi_size) < 8:
             raise ValueError(f"roi_size must be three sizes of at least 8, got {self.roi_size}")
         div = 2 ** len(self.strides)
+        if self.pixdim is not None and (len(self.pixdim) != 3 or min(self.pixdim) <= 0):
+            raise ValueError(f"pixdim must be three spacings in mm above 0, got {self.pixdim}")
+        if self.window is not None and (len(self.window) != 2 or not self.window[0] < self.window[1]):
+            raise ValueError(f"window must be two HU values, low then high, got {self.window}")
         if any(r % div for r in self.roi_size):
             raise ValueError(f"roi_size {self.roi_size} must be divisible by {div} (2 ** number of strides)")
 
@@ -87,6 +93,13 @@ def from_settings(cls:TrainConfig, settings:Settings|None=None, **overrides) -> 
     if bad := set(overrides) - set(known): raise TypeError(f"Unknown training options {sorted(bad)}; known: {known}")
     return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
+# %% ../nbs/api/05_train.ipynb #p1a2b3c2
+@patch
+def planned(self:TrainConfig, pixdim=None, window=None) -> TrainConfig:
+    "This configuration with `pixdim` and `window` filled where unset: from the arguments, else the phantoms' values"
+    return replace(self, pixdim=tuple(self.pixdim or pixdim or (0.8, 0.8, 0.8)),
+                   window=tuple(self.window or window or CT_WINDOW))
+
 # %% ../nbs/api/05_train.ipynb #bc50c63c
 def build_model(cfg:TrainConfig) -> torch.nn.Module:
     "MONAI's 3D U-Net for one input channel (CT) and two classes"
@@ -98,7 +111,8 @@ def network_config(cfg:TrainConfig) -> dict:
 
 def preprocessing(cfg:TrainConfig) -> Preprocessing:
     "What a CT goes through before the network, and the sliding window: saved with the model"
-    return Preprocessing(pixdim=tuple(cfg.pixdim), window=CT_WINDOW, roi_size=tuple(cfg.roi_size),
+    cfg = cfg.planned()
+    return Preprocessing(pixdim=cfg.pixdim, window=cfg.window, roi_size=tuple(cfg.roi_size),
                          sw_batch_size=cfg.sw_batch_size, overlap=cfg.overlap)
 
 # %% ../nbs/api/05_train.ipynb #55b2dd66
@@ -265,7 +279,7 @@ def evaluate(model,                 # the network; it is put in eval mode
              keep_first:bool=False, # also return the first case's image, label and prediction
             ) -> tuple[dict, dict|None]:
     "Mean val_dice, val_cldice and val_hd95 over `loader`; and the first case's arrays for a figure"
-    model.eval()
+    model.eval(); cfg = cfg.planned()
     dice, hd = DiceMetric(include_background=False), HausdorffDistanceMetric(include_background=False, percentile=95)
     cl, first = [], None
     with torch.no_grad():
@@ -311,21 +325,37 @@ def live_bars(stream=None) -> bool:
     return ip is not None and getattr(ip.get_ipython(), 'kernel', None) is not None
 
 # %% ../nbs/api/05_train.ipynb #83ce4aad
+def plan_run(cfg:TrainConfig,                  # what is set wins
+             cases:list,                       # the checked `{image, label}` pairs
+             phantom:PhantomConfig|None=None,  # given for phantoms: their own spacing and `CT_WINDOW`
+            ) -> tuple[TrainConfig, dict]:     # (`cfg` planned, the plan to log as `plan.*`)
+    "Fill `cfg`'s unset `pixdim` and `window` from the cases' `fingerprint`, as nnU-Net plans; phantoms keep their own"
+    if phantom is not None: return cfg.planned(phantom.spacing), dict(source='phantoms')
+    if cfg.pixdim is not None and cfg.window is not None: return cfg, dict(source='set')
+    fp = fingerprint(cases, seed=cfg.seed)
+    p = plan_preprocessing(fp)
+    source = 'fingerprint' if cfg.pixdim is None and cfg.window is None else 'fingerprint, partly set'
+    return cfg.planned(p['pixdim'], p['window']), dict(source=source, **fp)
+
 def make_datasets(cfg:TrainConfig,                   # split fractions, seed, ROI, spacing, caching, patches per case
                   data_dir=None,                     # a folder of image/label pairs (ImageCAS, ASOCA or Decathlon)
                   synthetic:int|None=None,           # or this many phantoms; 12 when neither is given
                   work_dir='.',                      # phantoms are written to its `phantoms/` folder
                   phantom:PhantomConfig|None=None,   # what the phantoms look like
                   cache_dir=None,                    # the disk cache's folder when over budget (`datasets`)
-                 ) -> dict:                          # `datasets`' train, val, test and split
-    "The run's datasets, from a checked folder or from phantoms seeded by `cfg.seed`; bad data is a `DataError`"
+                 ) -> dict:                          # `datasets`' train, val, test, split and cache; `cfg` and `plan`
+    "The run's datasets, from a checked, planned folder or from phantoms seeded by `cfg.seed`; bad data: `DataError`"
     if data_dir is not None and synthetic: raise ValueError("Pass data_dir or synthetic, not both")
     try:
-        cases = discover(data_dir) if data_dir is not None else \
-                generate_phantoms(synthetic or 12, Path(work_dir)/'phantoms', seed=cfg.seed * 1000, config=phantom,
-                                  progress=live_bars())
-        return datasets(cases, cfg.roi_size, cfg.pixdim, cfg.seed, cfg.cache, cfg.fractions, cfg.samples_per_case,
-                        cfg.num_workers, cache_budget_gb=cfg.cache_budget_gb, cache_dir=cache_dir)
+        if data_dir is not None: cases, phantom = check_pairs(discover(data_dir)), None
+        else:
+            phantom = phantom or PhantomConfig()
+            cases = generate_phantoms(synthetic or 12, Path(work_dir)/'phantoms', seed=cfg.seed * 1000, config=phantom,
+                                      progress=live_bars())
+        cfg, plan = plan_run(cfg, cases, phantom)
+        ds = datasets(cases, cfg.roi_size, cfg.pixdim, cfg.seed, cfg.cache, cfg.fractions, cfg.samples_per_case,
+                      cfg.num_workers, cache_budget_gb=cfg.cache_budget_gb, cache_dir=cache_dir, window=cfg.window)
+        return {**ds, 'cfg': cfg, 'plan': plan}
     except RuntimeError as e:
         raise (find_cause(e) or e) from None  # MONAI wraps a transform's error: show the DataError inside
 
@@ -511,7 +541,7 @@ class _RunContext:
 
 _CONTEXTS = dict(train='training', val='validation', test='test')  # MLflow's `mlflow.data.context` values
 
-def _log_inputs(r:_RunContext, data_dir, split:dict, cache:dict|None=None):
+def _log_inputs(r:_RunContext, data_dir, split:dict, cache:dict|None=None, plan:dict|None=None):
     "The run's params (configuration, device, precision, data, case counts, digest), its split, and dataset inputs"
     root = Path(data_dir) if data_dir else Path(split['train'][0]['image']).parent
     name = root.name if data_dir else 'phantoms'
@@ -519,7 +549,7 @@ def _log_inputs(r:_RunContext, data_dir, split:dict, cache:dict|None=None):
                           'data': str(data_dir) if data_dir else f"synthetic:{sum(map(len, split.values()))}",
                           'cases': {k: len(v) for k, v in split.items()},
                           'dataset_digest': dataset_digest([c for v in split.values() for c in v]),
-                          **({'cache': cache} if cache else {})})
+                          **({'cache': cache} if cache else {}), **({'plan': plan} if plan else {})})
     for part, cases in split.items():  # the stock UI's Datasets: one input per part, with its role
         r.tracker.log_dataset(f"{name}/{part}", dataset_digest(cases), str(root), _CONTEXTS.get(part, part),
                               {'cases': len(cases), 'pixdim_mm': list(r.cfg.pixdim)})
@@ -541,11 +571,11 @@ def _resume(tracker, run_id:str, parts:TrainParts, state:dict) -> tuple[int, flo
     return last + 1, max((d.value for d in history('val_dice')), default=-1.0), best_epoch, len(history('train/loss'))
 
 def _begin(r:_RunContext, parts:TrainParts, data_dir, split:dict, resume:dict|None,
-           cache:dict|None=None) -> tuple[EarlyStopping, range, int]:
+           cache:dict|None=None, plan:dict|None=None) -> tuple[EarlyStopping, range, int]:
     "Log a new run's inputs, or reload the run being resumed; return (the decider, the epochs to run, the next step)"
     stopper, start, step = EarlyStopping(r.cfg.patience, r.cfg.min_delta), 0, 0
     if resume is not None: start, stopper.best, stopper.best_epoch, step = _resume(r.tracker, r.run_id, parts, resume)
-    else: _log_inputs(r, data_dir, split, cache)
+    else: _log_inputs(r, data_dir, split, cache, plan)
     return stopper, range(start, start + r.cfg.epochs), step
 
 # %% ../nbs/api/05_train.ipynb #e38709ab
@@ -638,10 +668,11 @@ def run_description(res:TrainResult) -> str:
 # %% ../nbs/api/05_train.ipynb #d3c0a1e5
 def version_tags(res:TrainResult, cfg:TrainConfig, tracker=None) -> dict:
     "Tags of the registered version: best and test metrics, the data's digest, and the preprocessing settings"
+    cfg = cfg.planned()
     best = next((h for h in res.history if h['epoch'] == res.best_epoch), {})
     tags = {**{k: f"{v:.4g}" for k, v in best.items() if k.startswith('val_')},
             **{k: f"{v:.4g}" for k, v in res.test.items()}, 'best_epoch': str(res.best_epoch),
-            'preprocessing': json.dumps(dict(pixdim_mm=list(cfg.pixdim), window_hu=list(CT_WINDOW), orientation='RAS',
+            'preprocessing': json.dumps(dict(pixdim_mm=list(cfg.pixdim), window_hu=list(cfg.window), orientation='RAS',
                                              roi_size=list(cfg.roi_size), overlap=cfg.overlap))}
     if tracker is not None:
         tags['dataset_digest'] = tracker.client.get_run(res.run_id).data.params.get('dataset_digest', 'unknown')
@@ -649,10 +680,11 @@ def version_tags(res:TrainResult, cfg:TrainConfig, tracker=None) -> dict:
 
 def version_description(res:TrainResult, cfg:TrainConfig) -> str:
     "How to predict with the registered model, and where the bare network is"
+    cfg = cfg.planned()
     return (f"3D U-Net for coronary-artery segmentation (run {res.run_id}, "
             f"best validation Dice {res.best_dice:.3f}).\n\n"
             "This version is an MLflow pyfunc that carries its preprocessing (RAS, "
-            f"{tuple(cfg.pixdim)} mm, window {CT_WINDOW[0]:g}..{CT_WINDOW[1]:g} HU, sliding window "
+            f"{tuple(cfg.pixdim)} mm, window {cfg.window[0]:g}..{cfg.window[1]:g} HU, sliding window "
             f"{tuple(cfg.roi_size)}) and returns masks on each scan's own grid:\n\n"
             "- `coronary-mlops predict models:/<name>@<alias> scan.nii.gz --out masks/`\n"
             "- `mlflow.pyfunc.load_model('models:/<name>@<alias>').predict(['scan.nii.gz'])`\n"
@@ -687,12 +719,13 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
     if proc.world > 1: work = work/f"rank{proc.rank}"
     work.mkdir(parents=True, exist_ok=True)
     ds = make_datasets(cfg, data_dir, synthetic, work, phantom, cache_dir=Path(base.store_dir)/'cache')
+    cfg = ds['cfg']  # spacing and window planned from the data where not set
     if progress and proc.rank == 0: print(cache_line(ds['cache']), file=sys.stderr, flush=True)
     loaders, parts = make_loaders(ds, cfg, proc), build_parts(cfg, proc, amp)
     state = _resume_state(tracker, resume) if resume else None  # a bad checkpoint leaves the old run untouched
     with tracker.start_run(run_name=run_name, resume_run_id=resume, tags={TAG_TASK: 'coronary-segmentation'}) as run:
         r = _RunContext(tracker, run.run_id, cfg, proc, amp, work, progress)
-        stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], state, ds['cache'])
+        stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], state, ds['cache'], ds['plan'])
         history = _run_epochs(r, parts, loaders, stopper, epochs, step)
         result = _end(r, parts.model, ds['split']['test'], stopper, history, onnx)
     if register and result.model_uri:

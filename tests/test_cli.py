@@ -100,13 +100,15 @@ def test_every_train_config_field_is_an_option_and_store_options_follow_the_subc
     assert cli_parser().parse_args(['--experiment', 'Y', 'train', '--synthetic', '4']).experiment_name == 'Y'
     for cmd in (['train', '--synthetic', '4'], ['demo']):
         argv = list(cmd)
+        unset = {'pixdim': (0.4, 0.4, 0.5), 'window': (-100.0, 600.0)}  # planned when unset: a value of each
         for f in fields(TrainConfig):  # each field set to a value other than its default
             opt = '--' + f.name.replace('_', '-')
-            if isinstance(f.default, bool): argv.append(f'--no-{f.name}')
+            if f.default is None: argv.append(f"{opt}={','.join(map(str, unset[f.name]))}")  # = lets a value start with -
+            elif isinstance(f.default, bool): argv.append(f'--no-{f.name}')
             elif isinstance(f.default, tuple): argv += [opt, ','.join(str(x * 2) for x in f.default)]
             else: argv += [opt, str(f.default + 1)]
         got = vars(cli_parser().parse_args(argv))
-        want = {f.name: False if isinstance(f.default, bool) else
+        want = {f.name: unset[f.name] if f.default is None else False if isinstance(f.default, bool) else
                 tuple(x * 2 for x in f.default) if isinstance(f.default, tuple) else f.default + 1 for f in fields(TrainConfig)}
         assert {k: got[k] for k in want} == want
     old = cli_parser().parse_args(['train', '--synthetic', '4', '--lr', '0.1', '--roi', '32', '--no-amp', '--batch-size', '3',

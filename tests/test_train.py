@@ -93,3 +93,20 @@ def test_torchrun_two_processes_log_like_one(clean_env):
     n1, n2 = (len(c.get_metric_history(r.info.run_id, 'train/loss')) for r in (r1, r2))
     assert (n1, n2) == (2 * -(-2 // 2), 2 * -(-(-(-2 // 2)) // 2))
     assert c.get_run(r2.info.run_id).data.params['cases.train'] == '2'
+
+
+def test_a_data_folder_is_planned_from_its_fingerprint_and_the_plan_travels_with_the_model(tracker, tmp_path):
+    from coronary_mlops.data import fingerprint, discover
+    from coronary_mlops.predict import load_segmenter
+    generate_phantoms(3, tmp_path/'data', config=PhantomConfig(shape=(32, 32, 24), spacing=(0.6, 0.6, 0.9)),
+                      progress=False)
+    res = train(TrainConfig(epochs=1, **TINY), data_dir=tmp_path/'data', tracker=tracker, register=True, progress=False)
+    p = tracker.client.get_run(res.run_id).data.params
+    fp = fingerprint(discover(tmp_path/'data'), seed=TrainConfig().seed)  # what the run should have planned from
+    assert p['plan.source'] == 'fingerprint' and json.loads(p['pixdim']) == [0.6, 0.6, 0.9]
+    assert json.loads(p['window']) == [fp['fg_hu_p00_5'], fp['fg_hu_p99_5']]
+    assert json.loads(p['plan.spacing_median']) == [0.6, 0.6, 0.9] and int(p['plan.fg_voxels']) > 0
+    name = res.registered.split()[0]  # 'name vN @champion'
+    seg = load_segmenter(f"models:/{name}@champion", tracker.settings, device='cpu')
+    assert seg.prep.pixdim == (0.6, 0.6, 0.9) and seg.prep.window == (fp['fg_hu_p00_5'], fp['fg_hu_p99_5'])
+    assert len(res.cases) == 1 and res.cases[0]['true_ml'] > 0  # the held-out case, scored on its own grid

@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/cli.html.md"""
 
 # %% ../nbs/api/07_cli.ipynb #922fd32c
 from __future__ import annotations
-import argparse, shlex, subprocess, sys, time
+import argparse, shlex, shutil, subprocess, sys, time
 from dataclasses import fields
 from pathlib import Path
 from typing import get_args, get_type_hints
@@ -18,8 +18,8 @@ from .tracker import MLflowTracker
 from .train import TrainConfig
 
 # %% auto #0
-__all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'sync_store', 'predict_scans', 'add_train_options',
-           'cli_parser', 'main']
+__all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'sync_store', 'predict_scans', 'cache_report',
+           'add_train_options', 'cli_parser', 'main']
 
 # %% ../nbs/api/07_cli.ipynb #47cefb3e
 def store_report(s:Settings) -> str:
@@ -128,6 +128,22 @@ def predict_scans(s:Settings,        # the store the model is in
     if not quiet: print(f"wrote {len(written)} mask{'s' if len(written) != 1 else ''} to {Path(out).resolve()}")
     return 0
 
+# %% ../nbs/api/07_cli.ipynb #93af03c0
+def cache_report(s:Settings,          # the store whose cache folder is listed
+                 clear:bool=False,    # delete the caches (the next run preprocesses again)
+                ) -> int:             # 0
+    "List the disk caches of preprocessed cases under `s`'s store folder, with their sizes; delete them if `clear`"
+    root = Path(s.store_dir)/'cache'
+    dirs = sorted(d for d in root.glob('pixdim-window-*') if d.is_dir()) if root.is_dir() else []
+    total = 0
+    for d in dirs:
+        n = sum(f.stat().st_size for f in d.rglob('*') if f.is_file()); total += n
+        print(f"{n / 2**30:8.2f} GB  {d}")
+        if clear: shutil.rmtree(d)  # only the kit's own `pixdim-window-*` folders, never anything else there
+    print(f"{'removed' if clear else 'in all'}: {total / 2**30:.2f} GB in {len(dirs)} cache folder"
+          f"{'' if len(dirs) == 1 else 's'} under {root}")
+    return 0
+
 # %% ../nbs/api/07_cli.ipynb #fc7660b2
 _ALIASES = {'learning_rate': ('--lr',), 'roi_size': ('--roi',)}  # the short spellings the README uses
 _THREE = {'roi_size': 'X,Y,Z', 'pixdim': 'X,Y,Z', 'fractions': 'TRAIN,VAL,TEST'}  # one number means all three
@@ -170,7 +186,7 @@ def _store_options(p:argparse.ArgumentParser, default=None):
 
 # %% ../nbs/api/07_cli.ipynb #584b4f28
 def cli_parser() -> argparse.ArgumentParser:
-    "The `coronary-mlops` command's parser: `info`, `train`, `demo`, `ui`, `sync` and `predict`"
+    "The `coronary-mlops` command's parser: `info`, `train`, `demo`, `ui`, `sync`, `predict` and `cache`"
     p = argparse.ArgumentParser(prog='coronary-mlops', description="Notebook-first MLOps for coronary segmentation")
     _store_options(p)
     sub = p.add_subparsers(dest='command', required=True)
@@ -203,6 +219,8 @@ def cli_parser() -> argparse.ArgumentParser:
     pr.add_argument('--prob', action='store_true', help="also write <case>_prob.nii.gz, the vessel probability")
     pr.add_argument('--device', help="cpu, cuda or cuda:N (default: CUDA when present)")
     pr.add_argument('--quiet', action='store_true', help="no progress bar")
+    cmd('cache', "list the disk caches of preprocessed cases under the store, with their sizes").add_argument(
+        '--clear', action='store_true', help="delete them; the next run preprocesses again")
     return p
 
 # %% ../nbs/api/07_cli.ipynb #516c796d
@@ -217,6 +235,7 @@ def main(argv:list[str]|None=None) -> int:
         return 0
     if a.command == 'ui': return ui(s, a.port)
     if a.command == 'sync': return sync_store(s)
+    if a.command == 'cache': return cache_report(s, a.clear)
     if a.command == 'predict': return predict_scans(s, a.model, a.inputs, a.out, a.prob, a.device, a.quiet)
     opts = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
     try:

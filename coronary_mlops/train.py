@@ -363,7 +363,8 @@ def make_datasets(cfg:TrainConfig,                   # split fractions, seed, RO
 def cache_line(plan:dict) -> str:
     "The one line said before training: how big the preprocessed cases are, the budget, and where they are cached"
     if plan.get('mode') not in ('memory', 'disk'): return "preprocessing every case every epoch (no cache)"
-    where = 'in memory' if plan['mode'] == 'memory' else f"on disk in {plan['dir']}"
+    where = 'in memory' if plan['mode'] == 'memory' else \
+            f"on disk in {plan['dir']} (coronary-mlops cache --clear frees it)"
     return f"{plan['cases']} cases ≈ {plan['need_gb']:g} GB preprocessed; budget {plan['budget_gb']:g} GB: {where}"
 
 # %% ../nbs/api/05_train.ipynb #28509e91

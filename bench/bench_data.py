@@ -4,8 +4,11 @@ Generates ImageCAS-sized CTA volumes (512 x 512 x 200-260, in-plane 0.35-0.45 mm
 body, lungs, a heart and three tubes labelled as vessels; nothing is downloaded), then for N = 8, 24 and 48 cases
 measures, each arm in a fresh process:
 - `kit`: `datasets(..., cache_budget_gb=BUDGET)`, i.e. CacheDataset within the budget, PersistentDataset beyond;
-- `full_cache`: CacheDataset of every case (where it fits in the machine's memory);
+- `disk`: the kit forced onto its disk cache (a budget of 1 MB), run twice (the second run reuses the cache),
+  where the kit chose memory at the largest N, to compare its epochs with the in-memory cache's;
+- `full_cache`: CacheDataset of every case, where the kit chose disk and it fits in the machine's memory;
 - `plain`: Dataset, every transform every epoch.
+The cache holds float16 images and uint8 labels (3 bytes a voxel), so at 2 GB the kit keeps all 48 in memory.
 Per arm: peak RSS of the process (ru_maxrss), start-up (building the datasets and the first epoch, which fills
 the disk cache), and seconds per later epoch (one pass over the training loader: random patches, no model, so the
 loading itself is measured). Where the kit chose the disk cache, its arm runs twice: the second run reuses it.
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 OUT = Path(__file__).parent/'results'/'data.json'
-SIZES, BUDGET_GB, EPOCHS = (8, 24, 48), 2.0, 2
+SIZES, BUDGET_GB, EPOCHS, CACHED_EPOCHS = (8, 24, 48), 2.0, 2, 6  # the plain arm's epochs take minutes
 PIXDIM = (0.8, 0.8, 0.8)  # the epoch and memory arms; bytes per case are reported for the planned spacing too
 ROI, SAMPLES = (48, 48, 48), 4
 
@@ -70,9 +73,9 @@ def arm(mode:str, n:int, data:str, cache_dir:str) -> dict:
     from coronary_mlops.data import datasets, discover, transforms
     cases = discover(data)[:n]
     t0 = time.perf_counter()
-    if mode == 'kit':
-        ds = datasets(cases, ROI, PIXDIM, num_samples=SAMPLES, fractions=(0.8, 0.1, 0.1), cache_budget_gb=BUDGET_GB,
-                      cache_dir=cache_dir)
+    if mode in ('kit', 'disk'):
+        ds = datasets(cases, ROI, PIXDIM, num_samples=SAMPLES, fractions=(0.8, 0.1, 0.1),
+                      cache_budget_gb=BUDGET_GB if mode == 'kit' else 2**-10, cache_dir=cache_dir)
         train, plan = ds['train'], ds['cache']
     else:
         ds = datasets(cases, ROI, PIXDIM, num_samples=SAMPLES, fractions=(0.8, 0.1, 0.1), cache=False)
@@ -81,13 +84,14 @@ def arm(mode:str, n:int, data:str, cache_dir:str) -> dict:
         plan = dict(mode='memory' if mode == 'full_cache' else 'none')
     loader = DataLoader(train, batch_size=2, shuffle=True, num_workers=0, generator=torch.Generator().manual_seed(0))
     times = []
-    for e in range(EPOCHS):
+    for e in range(EPOCHS if mode == 'plain' else CACHED_EPOCHS):
         te = time.perf_counter()
         for b in loader: _ = b['image'].shape
         times.append(time.perf_counter() - te)
         if e == 0: startup = time.perf_counter() - t0
     return dict(mode=mode, n=n, train_cases=len(train), chose=plan.get('mode'), need_gb=plan.get('need_gb'),
-                startup_s=round(startup, 2), epoch_s=round(float(np.median(times[1:])), 2))
+                startup_s=round(startup, 2), epoch_s=round(float(np.median(times[1:])), 3),
+                epoch_range_s=[round(min(times[1:]), 3), round(max(times[1:]), 3)])
 
 
 def run_arm(mode:str, n:int, data:Path, cache_dir:Path) -> dict:
@@ -120,18 +124,25 @@ def main():
         # where the kit chose memory it *is* the full cache; where it chose disk, compare with one if it fits
         if kit['chose'] == 'disk' and kit['need_gb'] < available_memory() / 2**30 * 0.7:
             rows.append(run_arm('full_cache', n, root/'imagecas', cache_dir))
+        if kit['chose'] == 'memory' and n == max(SIZES):  # its disk cache, against this in-memory one
+            rows.append(run_arm('disk', n, root/'imagecas', cache_dir))
+            rows.append({**run_arm('disk', n, root/'imagecas', cache_dir), 'mode': 'disk_rerun'})
         rows.append(run_arm('plain', n, root/'imagecas', cache_dir))
     def get(n, mode): return next((r for r in rows if r['n'] == n and r['mode'] == mode), None)
     checks = []
     for n in SIZES:
         k, f, re_ = get(n, 'kit'), get(n, 'full_cache'), get(n, 'kit_rerun')
-        checks.append(dict(n=n, chose=k['chose'], kit_peak_rss_gb=k['peak_rss_gb'],
-                           rss_within_budget_plus_1_5gb=k['peak_rss_gb'] <= BUDGET_GB + 1.5,
-                           rss_over_plain_gb=round(k['peak_rss_gb'] - get(n, 'plain')['peak_rss_gb'], 2),
-                           kit_epoch_over_full_cache=round(k['epoch_s'] / f['epoch_s'], 2) if f else None,
+        d, dre = get(n, 'disk'), get(n, 'disk_rerun')
+        if d and k['chose'] == 'memory': f, k, re_ = k, d, dre  # the disk cache against the in-memory one
+        kit = get(n, 'kit')
+        checks.append(dict(n=n, chose=kit['chose'], kit_peak_rss_gb=kit['peak_rss_gb'],
+                           rss_within_budget_plus_1_5gb=kit['peak_rss_gb'] <= BUDGET_GB + 1.5,
+                           rss_over_plain_gb=round(kit['peak_rss_gb'] - get(n, 'plain')['peak_rss_gb'], 2),
+                           disk_epoch_over_memory=round(k['epoch_s'] / f['epoch_s'], 2) if f else None,
+                           disk_rerun_epoch_over_memory=round(re_['epoch_s'] / f['epoch_s'], 2) if f and re_ else None,
                            rerun_startup_speedup=round(k['startup_s'] / re_['startup_s'], 1) if re_ else None))
     result = dict(benchmark='data', budget_gb=BUDGET_GB, pixdim=PIXDIM, roi=ROI, samples_per_case=SAMPLES,
-                  epochs=EPOCHS,
+                  epochs=dict(plain=EPOCHS, cached=CACHED_EPOCHS), epoch_s='median of the epochs after the first',
                   bytes_per_case=per_case,
                   extrapolated_1000_cases_gb={k: round(v * 1000 / 2**30, 1) for k, v in per_case.items()},
                   rows=rows, checks=checks,

@@ -172,7 +172,7 @@ def add_train_options(p:argparse.ArgumentParser, defaults:dict|None=None):
         kw = dict(dest=f.name, help=f"{docs[f.name]} (default: {shown})".replace('%', '%%'))
         if t is bool: p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif t is tuple:
-            cast = int if f.default and isinstance(f.default[0], int) else float
+            cast = int if f.name == 'roi_size' or (f.default and isinstance(f.default[0], int)) else float
             p.add_argument(*names, type=_numbers(cast, f.name in _THREE), metavar=_METAVARS.get(f.name, 'N,N,…'), **kw)
         else: p.add_argument(*names, type=t, metavar='N' if t is int else 'X', **kw)
 

@@ -31,9 +31,9 @@ SECTIONS = {
     'mlflow':    dict(tracking_uri='', registry_uri='', s3_endpoint_url='', experiment_name='coronary-segmentation',
                       project_name='coronary', store_dir=''),
     'artifacts': dict(checkpoint_policy='best', top_k=3, monitor='val_dice', mode='max',
-                      compress_threshold_mb=16.0, async_upload=True),
+                      compress_threshold_mb=16.0, async_upload=True, prediction_volumes='best'),
     'training':  dict(epochs=20, batch_size=2, learning_rate=1e-3, seed=42, num_workers=0, val_interval=1,
-                      roi_size=(64, 64, 64), cache_budget_gb=0.0),
+                      roi_size=None, cache_budget_gb=0.0),  # roi_size None: planned
 }
 DEFAULTS = {k: v for sec in SECTIONS.values() for k, v in sec.items()}
 SECTION_OF = {k: s for s, sec in SECTIONS.items() for k in sec}
@@ -102,7 +102,8 @@ def redact(obj):
 
 # %% ../nbs/api/00_config.ipynb #82de086f
 _BOOLS = {'1': True, 'true': True, 'yes': True, 'on': True, '0': False, 'false': False, 'no': False, 'off': False}
-CHOICES = dict(checkpoint_policy=('best', 'all', 'top_k', 'none'), mode=('min', 'max'))
+CHOICES = dict(checkpoint_policy=('best', 'all', 'top_k', 'none'), mode=('min', 'max'),
+               prediction_volumes=('best', 'first', 'every', 'none'))
 MINIMUM = dict(top_k=1, epochs=1, batch_size=1, seed=0, num_workers=0, val_interval=1, compress_threshold_mb=0,
                cache_budget_gb=0)
 
@@ -157,6 +158,8 @@ def parse_value(key:str, # a key of `DEFAULTS`
     elif isinstance(d, int): v = _as_int(key, value, where)
     elif isinstance(d, float): v = _as_float(key, value, where)
     elif isinstance(d, tuple): v = _as_shape(key, value, where)
+    elif key == 'roi_size':  # unset (empty or 'auto'): planned from the memory by `train.plan_run`
+        v = None if value is None or str(value).strip().lower() in ('', 'auto') else _as_shape(key, value, where)
     else: v = str(value).strip()
     if key in MINIMUM and v < MINIMUM[key]: raise _bad(key, value, where, f"must be at least {MINIMUM[key]}")
     if key == 'learning_rate' and not v > 0: raise _bad(key, value, where, "must be positive")
@@ -258,13 +261,14 @@ class Settings:
     mode:str # max or min: which way the monitored metric is better
     compress_threshold_mb:float # gzip compressible artifacts above this size; 0 turns it off
     async_upload:bool # upload epochs on a background thread
+    prediction_volumes:str # epochs that save the validation case as NIfTI: best, first, every or none
     epochs:int # training epochs
     batch_size:int # training batch size
     learning_rate:float # AdamW learning rate
     seed:int # random seed
     num_workers:int # data-loader worker processes
     val_interval:int # validate every this many epochs
-    roi_size:tuple # training patch size (three ints)
+    roi_size:tuple|None # training patch size (three ints); None: planned from the memory
     cache_budget_gb:float # memory for cached cases; beyond it they are cached on disk; 0: half the available memory
     sources:dict = field(default_factory=dict, compare=False) # the layer that set each key
 

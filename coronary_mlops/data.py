@@ -16,16 +16,16 @@ import torch
 from tqdm.auto import tqdm
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import pickle_hashing
-from monai.transforms import (Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, GaussianSmooth,
+from monai.transforms import (CastToTyped, Compose, CropForegroundd, EnsureChannelFirstd, EnsureTyped, GaussianSmooth,
                               LoadImage, LoadImaged, Orientationd, RandCropByPosNegLabeld, RandFlipd, RandRotate90d,
                               RandScaleIntensityd, RandShiftIntensityd, ScaleIntensityRanged, Spacingd, SpatialPadd,
                               MapTransform)
 
 # %% auto #0
-__all__ = ['VOLUME_FILES', 'IMAGE_DIRS', 'LABEL_DIRS', 'CT_WINDOW', 'LPS_LABELS', 'PhantomConfig', 'make_phantom', 'save_nifti',
-           'generate_phantoms', 'DataError', 'discover', 'read_header', 'check_pairs', 'dataset_digest', 'split_cases',
-           'CheckBinaryLabeld', 'find_cause', 'transforms', 'ras_spacing', 'fingerprint', 'plan_preprocessing',
-           'available_memory', 'preprocessed_bytes', 'cache_plan', 'datasets']
+__all__ = ['VOLUME_FILES', 'IMAGE_DIRS', 'LABEL_DIRS', 'CT_WINDOW', 'LPS_LABELS', 'CACHE_DTYPES', 'PhantomConfig', 'make_phantom',
+           'save_nifti', 'generate_phantoms', 'DataError', 'discover', 'read_header', 'check_pairs', 'dataset_digest',
+           'split_cases', 'CheckBinaryLabeld', 'find_cause', 'ToFloat', 'transforms', 'ras_geometry', 'ras_spacing',
+           'fingerprint', 'plan_preprocessing', 'available_memory', 'preprocessed_bytes', 'cache_plan', 'datasets']
 
 # %% ../nbs/api/04_data.ipynb #b6192bda
 @dataclass
@@ -309,6 +309,13 @@ def find_cause(e:BaseException, kind=None) -> BaseException|None:
 CT_WINDOW = (-200.0, 700.0)  # HU mapped to [0, 1]: contrast-filled lumen and soft tissue, not bone or air
 LPS_LABELS = (('L', 'R'), ('P', 'A'), ('I', 'S'))  # MONAI's default to date, given: no FutureWarning
 
+CACHE_DTYPES = (torch.float16, torch.uint8)  # image and label as cached: 3 bytes a voxel instead of 8
+
+class ToFloat:
+    "Image and label back to float32 after the cache: a plain callable, not a MONAI `Transform`, so caching stops here"
+    def __init__(self, keys=('image', 'label')): self.keys = keys
+    def __call__(self, d:dict) -> dict: return {**d, **{k: d[k].float() for k in self.keys if k in d}}
+
 def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random crops
                pixdim=(0.8, 0.8, 0.8),      # spacing (mm) every volume is resampled to
                window=CT_WINDOW,            # the CT window (HU) mapped to [0, 1]
@@ -321,38 +328,45 @@ def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random 
          Orientationd(keys, axcodes='RAS', labels=LPS_LABELS),
          Spacingd(keys, pixdim=pixdim, mode=('bilinear', 'nearest')),
          ScaleIntensityRanged('image', a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
-         CropForegroundd(keys, source_key='image', select_fn=lambda x: x > 0.05, margin=4, allow_smaller=True)]
+         CropForegroundd(keys, source_key='image', select_fn=lambda x: x > 0.05, margin=4, allow_smaller=True),
+         CastToTyped(keys, dtype=CACHE_DTYPES)]  # the end of what is cached
     if train:
         # a volume smaller than the ROI is padded, so every patch has its size
         t += [SpatialPadd(keys, spatial_size=roi_size),
               RandCropByPosNegLabeld(keys, label_key='label', spatial_size=roi_size, pos=1, neg=1,
                                      num_samples=num_samples, image_key='image', allow_smaller=True),
+              ToFloat(keys),  # the patches only, back to float32
               RandFlipd(keys, prob=0.5, spatial_axis=0), RandRotate90d(keys, prob=0.3, spatial_axes=(0, 1)),
               RandScaleIntensityd('image', factors=0.1, prob=0.5), RandShiftIntensityd('image', offsets=0.05, prob=0.5)]
-    return Compose(t + [EnsureTyped(keys, track_meta=False)])
+    return Compose(t + ([] if train else [ToFloat(keys)]) + [EnsureTyped(keys, track_meta=False)])
 
 # %% ../nbs/api/04_data.ipynb #p970d49d
-def ras_spacing(path:str) -> tuple:
-    "A volume's spacing (mm) in RAS axis order, the order `Orientationd('RAS')` leaves it in, from its header"
+def ras_geometry(path:str) -> tuple[tuple, tuple]:
+    "A volume's shape and spacing (mm) in RAS order, as `Orientationd('RAS')` leaves them, from its header"
+    shape = read_header(path)[0]
     if path.lower().endswith('.nrrd'):
         import nrrd
         h = nrrd.read_header(path)
         affine = np.eye(4); affine[:3, :3] = np.asarray(h['space directions'], float).T
     else: affine = nib.load(path).affine
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    out = np.zeros(3)
-    for i, (ax, _) in enumerate(nib.orientations.io_orientation(affine)): out[int(ax)] = zooms[i]
-    return tuple(round(float(z), 5) for z in out)  # headers store float32: 0.4 reads as 0.40000000596
+    sh, sp = [0] * 3, [0.0] * 3
+    for i, (ax, _) in enumerate(nib.orientations.io_orientation(affine)): sh[int(ax)], sp[int(ax)] = shape[i], zooms[i]
+    return tuple(int(n) for n in sh), tuple(round(float(z), 5) for z in sp)  # float32 headers: 0.4 is 0.40000000596
+
+def ras_spacing(path:str) -> tuple:
+    "A volume's spacing (mm) in RAS axis order, from its header"
+    return ras_geometry(path)[1]
 
 def fingerprint(cases:Sequence[dict],  # `{image, label}` pairs
                 sample:int=8,          # cases whose voxels are read
                 voxels:int=20_000,     # foreground voxels kept from each
                 seed:int=0,            # picks the sampled cases and voxels
                ) -> dict:
-    "Spacings (RAS order) and shapes from every header; vessel intensity percentiles from a sample of cases"
+    "Spacings, shapes and extents (mm) in RAS order from the headers; vessel HU percentiles from a sample of cases"
     rng = np.random.default_rng(seed)
-    spacings = np.array([ras_spacing(c['image']) for c in cases])
-    shapes = np.array([read_header(c['image'])[0] for c in cases])
+    geo = [ras_geometry(c['image']) for c in cases]
+    shapes, spacings = np.array([g[0] for g in geo]), np.array([g[1] for g in geo])
     fg = []
     for i in sorted(rng.choice(len(cases), min(sample, len(cases)), replace=False)):
         img, lab = (LoadImage(image_only=True)(cases[i][k]) for k in ('image', 'label'))
@@ -362,7 +376,8 @@ def fingerprint(cases:Sequence[dict],  # `{image, label}` pairs
     pct = dict(zip(('p00_5', 'p50', 'p99_5'), np.percentile(fg, [0.5, 50, 99.5]).tolist())) if fg.size else {}
     return dict(cases=len(cases), spacing_median=np.median(spacings, 0).round(4).tolist(),
                 spacing_min=spacings.min(0).round(4).tolist(), spacing_max=spacings.max(0).round(4).tolist(),
-                shape_median=np.median(shapes, 0).astype(int).tolist(), fg_cases=min(sample, len(cases)),
+                shape_median=np.median(shapes, 0).astype(int).tolist(),
+                extent_mm_median=np.median(shapes * spacings, 0).round(1).tolist(), fg_cases=min(sample, len(cases)),
                 fg_voxels=int(fg.size), **{f"fg_hu_{k}": round(v, 1) for k, v in pct.items()})
 
 def plan_preprocessing(fp:dict) -> dict:
@@ -384,11 +399,11 @@ def available_memory() -> int:
     return max(avail, 0)
 
 def preprocessed_bytes(cases:Sequence[dict], pixdim=(0.8, 0.8, 0.8)) -> int:
-    "Upper bound of `cases`' size after resampling to `pixdim` (image and label as float32), from their headers"
+    "Upper bound of `cases`' size after resampling to `pixdim` (image float16, label uint8), from headers"
     total = 0
     for c in cases:
         shape, spacing = read_header(c['image'])
-        total += 8 * math.prod(max(1, round(n * s / p)) for n, s, p in zip(shape, spacing, pixdim))
+        total += 3 * math.prod(max(1, round(n * s / p)) for n, s, p in zip(shape, spacing, pixdim))
     return total
 
 def cache_plan(cases:Sequence[dict], pixdim=(0.8, 0.8, 0.8), budget_gb:float=0.0) -> dict:
@@ -400,7 +415,7 @@ def cache_plan(cases:Sequence[dict], pixdim=(0.8, 0.8, 0.8), budget_gb:float=0.0
 # %% ../nbs/api/04_data.ipynb #a67e8c10
 def _stamped_hash(item:dict) -> bytes:
     "PersistentDataset's key of a case: its paths, and each file's size and modification time"
-    st = {k: (v, os.stat(v).st_size, os.stat(v).st_mtime_ns) for k, v in item.items() if isinstance(v, str)}
+    st = {k: (v, os.stat(v).st_size, os.stat(v).st_mtime_ns) for k, v in item.items() if k in ('image', 'label')}
     return pickle_hashing(st)
 
 def datasets(cases:Sequence[dict],          # `[{image, label}]`, e.g. from `discover` or `generate_phantoms`
@@ -420,11 +435,11 @@ def datasets(cases:Sequence[dict],          # `[{image, label}]`, e.g. from `dis
     split = split_cases(check_pairs(cases), fractions, seed)
     plan = cache_plan(cases, pixdim, cache_budget_gb) if cache else dict(mode='none')
     if plan['mode'] == 'disk':
-        key = hashlib.sha256(json.dumps([list(pixdim), list(window)]).encode()).hexdigest()[:12]
+        key = hashlib.sha256(json.dumps([list(pixdim), list(window), str(CACHE_DTYPES)]).encode()).hexdigest()[:12]
         plan['dir'] = str(Path(cache_dir or tempfile.mkdtemp(prefix='coronary-cache-'))/f"pixdim-window-{key}")
     def make(part):
-        data, t = [{'image': c['image'], 'label': c['label']} for c in split[part]], \
-                  transforms(roi_size, pixdim, window, train=(part == 'train'), num_samples=num_samples)
+        data = [{'image': c['image'], 'label': c['label'], 'case': Path(c['image']).name} for c in split[part]]
+        t = transforms(roi_size, pixdim, window, train=(part == 'train'), num_samples=num_samples)
         if plan['mode'] == 'memory':
             return CacheDataset(data, t, cache_rate=1.0, num_workers=num_workers, progress=progress)
         if plan['mode'] == 'disk': return PersistentDataset(data, t, cache_dir=plan['dir'], hash_func=_stamped_hash)

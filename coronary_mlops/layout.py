@@ -14,9 +14,9 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, path_not_unique, vali
 
 # %% auto #0
 __all__ = ['LAYOUT', 'FILE_NAMES', 'CATEGORY_SUFFIXES', 'MAX_NAME_BYTES', 'KEY_BAD_CHARS', 'TAG_BEST_CHECKPOINT',
-           'TAG_BEST_EPOCH', 'TAG_END_REASON', 'TAG_EARLY_STOP', 'TAG_TASK', 'TAG_OFFLINE_ID', 'FIGURE_NAMES',
-           'epoch_dir', 'categorize', 'type_dir', 'layout_markdown', 'check_name', 'safe_join', 'check_key',
-           'metric_value', 'metric_step', 'is_figure', 'folder_files', 'plan_artifacts']
+           'TAG_BEST_EPOCH', 'TAG_END_REASON', 'TAG_EARLY_STOP', 'TAG_STOPPED', 'TAG_STOP_REQUEST', 'TAG_TASK',
+           'TAG_OFFLINE_ID', 'FIGURE_NAMES', 'epoch_dir', 'categorize', 'type_dir', 'layout_markdown', 'check_name',
+           'safe_join', 'check_key', 'metric_value', 'metric_step', 'is_figure', 'folder_files', 'plan_artifacts']
 
 # %% ../nbs/api/01a_layout.ipynb #d9184b3e
 log = logging.getLogger('coronary_mlops.layout')
@@ -161,6 +161,8 @@ TAG_BEST_CHECKPOINT = 'coronary_mlops.best_checkpoint'  # run-relative path of t
 TAG_BEST_EPOCH = 'coronary_mlops.best_epoch'  # the epoch that checkpoint belongs to
 TAG_END_REASON = 'coronary_mlops.end_reason'  # why a run ended FAILED or KILLED (redacted)
 TAG_EARLY_STOP = 'coronary_mlops.early_stop'  # when and why early stopping ended training
+TAG_STOPPED = 'coronary_mlops.stopped'  # training was stopped by hand (a monitor's Stop): at which epoch
+TAG_STOP_REQUEST = 'coronary_mlops.stop_requested'  # 'true': a monitor in another process asks the loop to stop
 TAG_TASK = 'coronary_mlops.task'  # what the run trains, e.g. coronary-segmentation
 TAG_OFFLINE_ID = 'coronary_mlops.offline_id'  # the local id of a run created by sync() after being offline
 

@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/panels.html.md"""
 
 # %% ../nbs/api/06_panels.ipynb #7e8ea677
 from __future__ import annotations
-import base64, html, io, json, logging, math, re, shutil, tempfile, weakref
+import base64, html, io, json, logging, math, re, shutil, tempfile, threading, time, weakref
 from pathlib import Path
 from typing import Callable, Sequence
 from fastcore.basics import patch
@@ -14,14 +14,16 @@ import numpy as np
 import ipywidgets as W
 from mlflow.entities import ViewType
 from .config import redact
-from .layout import FILE_NAMES, TAG_BEST_EPOCH, epoch_dir, safe_join
+from .layout import FILE_NAMES, TAG_BEST_EPOCH, TAG_STOP_REQUEST, epoch_dir, safe_join
 from .storage import read_json
 from .tracker import MLflowTracker, RunInfo
 from . import registry
+from .train import live_bars
 
 # %% auto #0
-__all__ = ['IMAGE_TYPES', 'VOLUME_SUFFIXES', 'TEXT_SUFFIXES', 'RunArtifacts', 'volume_png', 'preview', 'run_label',
-           'ArtifactBrowser', 'RunComparison', 'parse_tags', 'RegisterModelPanel']
+__all__ = ['IMAGE_TYPES', 'VOLUME_SUFFIXES', 'TEXT_SUFFIXES', 'AXES', 'VOLUME_ROLES', 'RunArtifacts', 'volume_png', 'preview',
+           'read_volume', 'slice_rgb', 'png_bytes', 'SliceViewer', 'run_label', 'ArtifactBrowser', 'volume_role',
+           'RunComparison', 'curves_across_runs', 'parse_tags', 'RegisterModelPanel', 'svg_curves', 'TrainingMonitor']
 
 # %% ../nbs/api/06_panels.ipynb #90384899
 log = logging.getLogger('coronary_mlops.panels')
@@ -179,6 +181,120 @@ def preview(path, tail:int=40, max_mb:float=256) -> dict:
                               "coronary_mlops.artifacts.load_checkpoint (weights_only=True)."}
     return {'text/plain': f"{path.name}: {_fmt_size(size)}, no preview for this type"}
 
+# %% ../nbs/api/06_panels.ipynb #de48276a
+def read_volume(path) -> tuple[np.ndarray, tuple]:
+    "A volume file as a 3D array in RAS orientation, and its spacing (mm); NIfTI through nibabel, others through MONAI"
+    path = str(path)
+    if path.lower().endswith(('.nii', '.nii.gz')):
+        import nibabel as nib
+        img = nib.as_closest_canonical(nib.load(path))
+        return np.asanyarray(img.dataobj).squeeze(), tuple(float(z) for z in img.header.get_zooms()[:3])
+    if path.lower().endswith('.npy'): return np.load(path, allow_pickle=False).squeeze(), (1.0, 1.0, 1.0)
+    from monai.transforms import LoadImage, Orientation
+    v = Orientation('RAS')(LoadImage(image_only=True, ensure_channel_first=True)(path))
+    return np.asarray(v[0]), tuple(float(s) for s in v.pixdim[:3])
+
+AXES = {'axial': 2, 'coronal': 1, 'sagittal': 0}  # RAS: axial slices are across S, coronal across A, sagittal across R
+
+def slice_rgb(image:np.ndarray,           # 3D volume
+              axis:int,                   # 0, 1 or 2 (`AXES`)
+              index:int,                  # the slice
+              window:tuple,               # (low, high) intensities mapped to black and white
+              label:np.ndarray|None=None, # overlaid in green
+              pred:np.ndarray|None=None,  # overlaid in magenta
+              opacity:float=0.5,          # of the overlays
+             ) -> np.ndarray:             # (rows, columns, 3) uint8, anterior or superior up
+    "One slice of `image` as RGB, windowed, with `label` and `pred` blended in"
+    take = lambda v: np.take(v, index, axis=axis).T[::-1]  # rows from the top: the higher coordinate up
+    lo, hi = window
+    g = np.clip((take(image).astype(np.float32) - lo) * (255.0 / max(hi - lo, 1e-6)), 0, 255)
+    rgb = np.repeat(g[..., None], 3, axis=2)
+    for vol, colour in ((label, (0, 220, 0)), (pred, (255, 0, 255))):
+        if vol is None: continue
+        m = take(vol) > 0
+        rgb[m] = (1 - opacity) * rgb[m] + opacity * np.array(colour, np.float32)
+    return rgb.astype(np.uint8)
+
+def png_bytes(rgb:np.ndarray, aspect:float=1.0) -> bytes:
+    "PNG of an RGB array, stretched vertically by `aspect` (row spacing / column spacing); fast zlib level 1"
+    from PIL import Image
+    im = Image.fromarray(rgb)
+    if abs(aspect - 1) > 0.01: im = im.resize((im.width, max(1, round(im.height * aspect))), Image.NEAREST)
+    buf = io.BytesIO(); im.save(buf, format='PNG', compress_level=1); return buf.getvalue()
+
+# %% ../nbs/api/06_panels.ipynb #c6efc5f0
+class SliceViewer(W.VBox):
+    "Slices of a volume in any axis, with label and prediction overlays, CT window, toggles and opacity"
+    def __init__(self, image=None,              # CT (HU) or any volume: an array or a file
+                 label=None,                    # vessel label, the same shape: an array or a file
+                 pred=None,                     # predicted mask, the same shape: an array or a file
+                 spacing=None,                  # voxel spacing (mm) for arrays; files carry their own
+                 window=(-200, 700),            # the CT window (HU) to start with
+                 title:str='',                  # shown above the slice
+                ):
+        vols = {}
+        for k, v in dict(image=image, label=label, pred=pred).items():
+            if v is None: continue
+            if isinstance(v, (str, Path)): v, sp = read_volume(v); spacing = spacing or sp
+            v = np.asarray(v).squeeze()
+            if v.ndim != 3: raise ValueError(f"SliceViewer shows 3D volumes; {k} has shape {tuple(v.shape)}")
+            vols[k] = v
+        if not vols: raise ValueError("SliceViewer needs at least one of image, label and pred")
+        shapes = {k: v.shape for k, v in vols.items()}
+        if len(set(shapes.values())) > 1: raise ValueError(f"The volumes differ in shape: {shapes}")
+        self.image = vols.get('image', vols.get('pred', vols.get('label')))
+        self.label, self.pred, self.spacing = vols.get('label'), vols.get('pred'), tuple(spacing or (1.0, 1.0, 1.0))
+        self.ct = 'image' in vols and float(self.image.min()) < -300  # HU: a CT window; else the value range
+        lo, hi = (float(self.image.min()), float(self.image.max())) if not self.ct else (-1024, 3000)
+        self.window = W.IntRangeSlider(value=window if self.ct else (math.floor(lo), math.ceil(hi)),
+                                       min=math.floor(lo), max=max(math.ceil(hi), math.floor(lo) + 1),
+                                       description='window (HU)' if self.ct else 'window', continuous_update=False)
+        if not self.ct and hi - lo <= 1:  # masks and [0, 1] images: a float window
+            self.window = W.FloatRangeSlider(value=(lo, max(hi, lo + 1e-3)), min=lo, max=max(hi, lo + 1e-3),
+                                             step=(hi - lo) / 100 or 0.01, description='window')
+        self.axis = W.ToggleButtons(options=list(AXES), value='axial', description='axis')
+        self.index = W.IntSlider(description='slice', continuous_update=True)
+        self.show_label = W.Checkbox(value=self.label is not None, description='label (green)',
+                                     disabled=self.label is None, indent=False)
+        self.show_pred = W.Checkbox(value=self.pred is not None, description='prediction (magenta)',
+                                    disabled=self.pred is None, indent=False)
+        self.opacity = W.FloatSlider(value=0.5, min=0, max=1, step=0.05, description='opacity')
+        self.img, self.caption, self.title = W.Image(format='png'), W.HTML(), title
+        self.add_class('coronary-slice-viewer')
+        super().__init__([W.HBox([self.axis, self.index]), W.HBox([self.window, self.opacity]),
+                          W.HBox([self.show_label, self.show_pred]), self.caption, self.img])
+        self.axis.observe(lambda ch: self._set_axis(), 'value')
+        for w in (self.index, self.window, self.opacity, self.show_label, self.show_pred):
+            w.observe(lambda ch: self.redraw(), 'value')
+        self._set_axis()
+
+# %% ../nbs/api/06_panels.ipynb #498524ab
+@patch
+def _set_axis(self:SliceViewer):
+    n = self.image.shape[AXES[self.axis.value]]
+    with self.index.hold_trait_notifications(): self.index.max, self.index.value = n - 1, n // 2
+    self.redraw()
+
+@patch
+def redraw(self:SliceViewer):
+    "Draw the slice the widgets select (the one thing a slider move costs)"
+    ax, i = AXES[self.axis.value], self.index.value
+    rgb = slice_rgb(self.image, ax, i, self.window.value, self.label if self.show_label.value else None,
+                    self.pred if self.show_pred.value else None, self.opacity.value)
+    cols, rows = [a for a in range(3) if a != ax]
+    self.img.value = png_bytes(rgb, self.spacing[rows] / self.spacing[cols])
+    lo, hi = self.window.value
+    level = f" · level {(lo + hi) / 2:g}, width {hi - lo:g} HU" if self.ct else ''
+    self.caption.value = (f"{html.escape(self.title)} {self.axis.value} slice {i + 1}/{self.image.shape[ax]}"
+                          f" · {'×'.join(map(str, self.image.shape))} at {'×'.join(f'{s:g}' for s in self.spacing)} mm"
+                          f"{level}")
+
+@patch
+def _repr_markdown_(self:SliceViewer) -> str:
+    b64 = base64.b64encode(self.img.value).decode()
+    caption = html.escape(re.sub('<[^>]+>', '', self.caption.value))
+    return f"**SliceViewer** · {caption}\n\n![slice](data:image/png;base64,{b64})"
+
 # %% ../nbs/api/06_panels.ipynb #c374260e
 def _error_html(e:BaseException) -> str:
     "One red line: the error's type and the first line of its message"
@@ -296,6 +412,7 @@ def _make_widgets(self:ArtifactBrowser, download_dir):
     self.summary = W.Output(layout=L(max_height='18em', overflow='auto'))
     self.tree = W.Select(description='files', rows=10, layout=L(width='44em'))
     self.preview = W.Output(layout=L(border='1px solid #ddd', min_height='4em', padding='4px'))
+    self.viewer, self._volumes = W.VBox(), {}  # a SliceViewer for a selected volume; volumes read this epoch
     self.dest = W.Text(value=str(download_dir or Path.cwd()/'downloads'), description='to folder',
                        layout=L(width='36em'), style=_LABEL)
     self.download_file = W.Button(description='Download file', icon='download', layout=L(width='auto'))
@@ -306,7 +423,7 @@ def _make_widgets(self:ArtifactBrowser, download_dir):
     self.children = [W.HBox([self.experiment, self.run_select]), W.HBox([self.epoch, self.category]),
                      W.HBox([W.VBox([self.metrics, self.summary], layout=L(width='40%')), W.VBox([self.tree])]),
                      W.HBox([self.dest, self.download_file, self.download_epoch, self.progress]),
-                     self.preview, self.status]
+                     self.preview, self.viewer, self.status]
 
 # %% ../nbs/api/06_panels.ipynb #ddfda73d
 @patch
@@ -362,6 +479,7 @@ def _demote(bundle:dict, by:int=3) -> dict:
 def _show_epoch(self:ArtifactBrowser):
     if self.run is None or self.epoch.value is None: return
     ep = self.epoch.value
+    self._volumes.clear()  # held while the epoch is open
     rows = sorted(self.run.metrics(ep).items())
     self.metrics.value = (f"<b>epoch {ep}</b>" + _html_table(rows, ['metric', 'value']) if rows
                           else f"<i>epoch {ep}: no metrics</i>")
@@ -386,10 +504,36 @@ def _fill_tree(self:ArtifactBrowser):
     self._fill(self.tree, [(f"{e['path']}  ({_fmt_size(e['size'])})", e['path']) for e in files], pick)
     self._preview()
 
+VOLUME_ROLES = {'label': 'label', 'pred': 'pred', 'seg': 'pred', 'image': 'image', 'img': 'image'}
+
+def volume_role(name:str) -> str|None:
+    "'image', 'label' or 'pred' from a volume file's name (`val_label.nii.gz`, `case_seg.nii.gz`); None if unsaid"
+    words = re.split(r'[^a-z]+', name.lower())
+    return next((VOLUME_ROLES[w] for w in words if w in VOLUME_ROLES), None)
+
 @patch
 def _preview(self:ArtifactBrowser):
+    self.viewer.children = ()
     if self.run is None or not self.tree.value: return _show(self.preview)
-    _show(self.preview, preview(self.run.local(self.tree.value)))
+    path = self.tree.value
+    if not path.lower().endswith(VOLUME_SUFFIXES): return _show(self.preview, preview(self.run.local(path)))
+    # a volume: itself and its image, label or prediction siblings in the same folder, in a SliceViewer
+    folder, role = path.rsplit('/', 1)[0], volume_role(path.rsplit('/', 1)[-1]) or 'image'
+    parts = {role: path}
+    for e in self.run.files(self.epoch.value):
+        d, name = e['path'].rsplit('/', 1)
+        if d == folder and name.lower().endswith(VOLUME_SUFFIXES) and (r := volume_role(name)) and r not in parts:
+            parts[r] = e['path']
+    vols = {}
+    for r, p in parts.items():
+        if p not in self._volumes: self._volumes[p] = read_volume(self.run.local(p))
+        vols[r] = self._volumes[p]
+    same = {k: v for k, v in vols.items() if v[0].shape == vols[role][0].shape}
+    viewer = SliceViewer(**{k: v[0] for k, v in same.items()}, spacing=vols[role][1], title=path.rsplit('/', 1)[-1])
+    self.viewer.children = (viewer,)
+    shown = ', '.join(parts[k].rsplit('/', 1)[-1] for k in same)
+    _show(self.preview, {'text/plain': f"{shown}: {'×'.join(map(str, vols[role][0].shape))} voxels, "
+                                       "in the slice viewer below"})
 
 # %% ../nbs/api/06_panels.ipynb #bdcd826b
 @patch
@@ -429,27 +573,35 @@ def _delta(a, b):
 
 # %% ../nbs/api/06_panels.ipynb #3588203c
 class RunComparison(_Panel):
-    "One epoch of 2–4 runs side by side: metrics with differences, images next to each other, metadata that differs"
+    "2–8 runs: one epoch side by side (metrics, images, metadata that differs), and their curves and params over time"
     IGNORE = ('epoch', 'timestamp', 'timestamp_ms', 'software.', 'git_commit', 'hostname', 'host', 'platform')
+    CURVES = ('val_dice', 'val_cldice', 'train_loss', 'lr')  # the histories overlaid, where the runs have them
 
-    def __init__(self, run_ids:Sequence[str], # 2 to 4 run ids
+    def __init__(self, run_ids:Sequence[str], # 2 to 8 run ids
                  epoch:int|None=None, # the epoch to compare; the last one all runs have when None
                  tracker:MLflowTracker|None=None, # where to read; `MLflowTracker()` (the configured store) when None
                 ):
         run_ids = list(dict.fromkeys(run_ids))
-        if not 2 <= len(run_ids) <= 4:
-            raise ValueError(f"RunComparison compares 2 to 4 different runs, got {len(run_ids)}")
+        if not 2 <= len(run_ids) <= 8:
+            raise ValueError(f"RunComparison compares 2 to 8 different runs, got {len(run_ids)}")
         super().__init__(tracker)
         self.runs = [RunArtifacts(r, self.tracker) for r in run_ids]
-        self.names = [self.tracker.get_run_info(r).run_name or r[:8] for r in run_ids]
+        self.infos = [self.tracker.get_run_info(r) for r in run_ids]
+        self.names = [i.run_name or r[:8] for i, r in zip(self.infos, run_ids)]
         common = self._shared_epochs(epoch)
         self.epoch = W.Dropdown(options=common, value=common[-1] if epoch is None else epoch, description='epoch')
         self.metrics, self.images, self.json_diff = W.HTML(), W.VBox(), W.HTML()
+        self.x_axis = W.ToggleButtons(options=['step', 'wall time'], value='step', description='x axis')
+        self.curves, self.params = W.HTML(), W.HTML()  # curves as SVG: crisp, and each run's line is an element
         self.add_class('coronary-comparison')
-        self.children = [self.epoch, W.HTML('<b>metrics</b>'), self.metrics, W.HTML('<b>images</b>'), self.images,
-                         W.HTML('<b>metadata that differs</b>'), self.json_diff, self.status]
+        same = W.VBox([self.epoch, W.HTML('<b>metrics</b>'), self.metrics, W.HTML('<b>images</b>'), self.images,
+                       W.HTML('<b>metadata that differs</b>'), self.json_diff])
+        over = W.VBox([self.x_axis, self.curves, W.HTML('<b>params that differ</b>'), self.params])
+        self.tabs = W.Tab(children=[same, over], titles=('same epoch', 'curves and params'))
+        self.children = [self.tabs, self.status]
         self.epoch.observe(self._guard(lambda ch: self._show_epoch()), 'value')
-        self._guard(self._show_epoch)()
+        self.x_axis.observe(self._guard(lambda ch: self._draw_curves()), 'value')
+        self._guard(self._show_epoch)(); self._guard(self._show_over_time)()
 
     @property
     def head(self) -> list[str]: return [f"{n} ({r.run_id[:8]})" for n, r in zip(self.names, self.runs)]
@@ -506,12 +658,61 @@ def _image_cells(self:RunComparison, ep:int, key:str) -> list[W.VBox]:
         cells.append(W.VBox([W.HTML(f"<small>{html.escape(name)}</small>"), img]))
     return cells
 
+# %% ../nbs/api/06_panels.ipynb #90fc713c
+def curves_across_runs(histories:Sequence[dict], # per run: {metric: [mlflow Metric, ...]}
+                       names:Sequence[str],      # a legend entry per run
+                       x:str='step',             # 'step', or 'wall time' (minutes since the run's first point)
+                      ):
+    "A matplotlib `Figure`: one panel per metric, one line per run"
+    from matplotlib.figure import Figure
+    keys = [k for k in RunComparison.CURVES if any(h.get(k) for h in histories)]
+    if not keys: raise ValueError(f"None of these runs has a history of {', '.join(RunComparison.CURVES)}")
+    fig = Figure(figsize=(3.2 * len(keys), 2.8), dpi=90, layout='constrained')
+    for ax, k in zip(np.atleast_1d(fig.subplots(1, len(keys))), keys):
+        for j, (h, name) in enumerate(zip(histories, names)):
+            pts = sorted(h.get(k) or [], key=lambda m: (m.step, m.timestamp))
+            if not pts: continue
+            xs = [m.step for m in pts] if x == 'step' else [(m.timestamp - pts[0].timestamp) / 60e3 for m in pts]
+            ax.plot(xs, [m.value for m in pts], marker='.' if len(pts) < 30 else None, label=name, gid=f"run-{j}")
+        ax.set_title(k, fontsize=10); ax.set_xlabel('epoch' if x == 'step' else 'minutes', fontsize=9)
+        ax.tick_params(labelsize=8); ax.grid(alpha=0.3)
+        if k == 'lr': ax.set_yscale('log')
+    lines = {l.get_label(): l for a in fig.axes for l in a.lines}  # every run once, whichever panels it is in
+    fig.legend(lines.values(), lines.keys(), loc='outside lower center', ncols=min(len(lines), 4), fontsize=8)
+    return fig
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO(); fig.savefig(buf, format='png'); return buf.getvalue()
+
+def _svg(fig) -> str:
+    buf = io.StringIO(); fig.savefig(buf, format='svg'); s = buf.getvalue()
+    return s[s.index('<svg'):]  # without the XML prologue and doctype, to sit inside HTML
+
+@patch
+def _show_over_time(self:RunComparison):
+    "Read each run's histories once; show the params that differ and draw the curves"
+    self.histories = [{k: self.tracker.client.get_metric_history(i.run_id, k) for k in self.CURVES if k in i.metrics}
+                      for i in self.infos]
+    keys = sorted(set().union(*(i.params for i in self.infos)))
+    self.param_rows = [(k, *[i.params.get(k, '–') for i in self.infos]) for k in keys
+                       if len({i.params.get(k) for i in self.infos}) > 1]
+    self.params.value = _html_table(self.param_rows, ['param', *self.head]) if self.param_rows else '<i>none</i>'
+    self._draw_curves()
+
+@patch
+def _draw_curves(self:RunComparison):
+    self.curves.value = _svg(curves_across_runs(self.histories, self.names, self.x_axis.value))
+
 # %% ../nbs/api/06_panels.ipynb #f264bec0
 @patch
 def _repr_markdown_(self:RunComparison):
     out = [f"**RunComparison** · epoch {self.epoch.value}", '',
            _md_table(self.metric_rows, ['metric', *self.head, *[f"Δ {n}" for n in self.names[1:]]])]
     if self.diff_rows: out += ['', _md_table(self.diff_rows, ['metadata', *self.head])]
+    if getattr(self, 'param_rows', None): out += ['', _md_table(self.param_rows, ['param', *self.head])]
+    if getattr(self, 'histories', None):
+        png = base64.b64encode(_png(curves_across_runs(self.histories, self.names))).decode()
+        out += ['', f"![curves](data:image/png;base64,{png})"]
     return '\n'.join(out)
 
 # %% ../nbs/api/06_panels.ipynb #f3ad1781
@@ -638,3 +839,167 @@ def _repr_markdown_(self:RegisterModelPanel):
             ('model name', f"`{self.name.value}`"), ('alias', self.alias_value), ('state', state)]
     if self.last_version is not None: rows.append(('registered', f"version {self.last_version.version}"))
     return '**RegisterModelPanel**\n\n' + _md_table(rows, ['', ''])
+
+# %% ../nbs/api/06_panels.ipynb #fc08d5cd
+_COLOURS = dict(train_loss='#d62728', val_dice='#1f77b4', val_cldice='#2ca02c')
+
+def svg_curves(history:Sequence[dict], # per epoch: `epoch` and metrics
+               keys=('train_loss', 'val_dice', 'val_cldice'), # the curves, where present
+               width:int=460, height:int=180,
+              ) -> str:
+    "An inline SVG of the curves: cheap enough to redraw every epoch without matplotlib"
+    pts = {k: [(h['epoch'], h[k]) for h in history if isinstance(h.get(k), (int, float)) and math.isfinite(h[k])]
+           for k in keys}
+    pts = {k: v for k, v in pts.items() if v}
+    if not pts: return '<i>no epochs yet</i>'
+    x0, x1 = min(x for v in pts.values() for x, _ in v), max(x for v in pts.values() for x, _ in v)
+    top = max(1.0, max(y for v in pts.values() for _, y in v))
+    L, R, T, B = 36, 110, 8, 22
+    sx = lambda x: L + (x - x0) / max(x1 - x0, 1) * (width - L - R)
+    sy = lambda y: T + (1 - y / top) * (height - T - B)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="coronary-curves">',
+           f'<rect x="{L}" y="{T}" width="{width - L - R}" height="{height - T - B}" fill="none" stroke="#ccc"/>',
+           f'<text x="{L - 4}" y="{T + 8}" font-size="10" text-anchor="end">{top:g}</text>',
+           f'<text x="{L - 4}" y="{height - B}" font-size="10" text-anchor="end">0</text>',
+           f'<text x="{(width - R + L) / 2}" y="{height - 6}" font-size="10" text-anchor="middle">'
+           f'epoch {x0}–{x1}</text>']
+    for i, (k, v) in enumerate(pts.items()):
+        c = _COLOURS.get(k, '#555')
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2" class="curve-{k}" data-points="{len(v)}" '
+                   f'points="{" ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in v)}"/>')
+        out.append(f'<text x="{width - R + 6}" y="{T + 12 + 14 * i}" font-size="11" fill="{c}">'
+                   f'{k} {v[-1][1]:.3f}</text>')
+    return '\n'.join(out + ['</svg>'])
+
+# %% ../nbs/api/06_panels.ipynb #99bbdb68
+class TrainingMonitor(W.VBox):
+    "Training as it runs: curves that grow, the newest overlay, best, epoch and ETA, and a Stop button"
+    def __init__(self, run_id:str|None=None,         # a run training elsewhere to follow by polling the store
+                 tracker:MLflowTracker|None=None,    # the store to poll; `MLflowTracker()` when None
+                 poll_s:float=5.0,                   # seconds between polls of a followed run
+                 show:bool=True,                     # display itself when training begins, in a Jupyter kernel
+                ):
+        self.run_id, self.tracker, self.poll_s, self.show = run_id, tracker, poll_s, show
+        self.stop_requested, self.history, self.total, self.t0, self.done = False, [], None, time.time(), False
+        self.title, self.stats, self.curves = W.HTML(), W.HTML(), W.HTML('<i>no epochs yet</i>')
+        self.overlay = W.Image(format='png', layout=W.Layout(max_width='640px'))
+        self.stop = W.Button(description='Stop', icon='stop', button_style='danger',
+                             tooltip='End training after the epoch that is running; the best checkpoint is kept')
+        self.stop.on_click(lambda b: self.request_stop())
+        self.add_class('coronary-monitor')
+        super().__init__([W.HBox([self.title, self.stop]), self.stats, self.curves, self.overlay])
+        self._thread, self._following, self.result, self.error = None, run_id is not None, None, None
+        if run_id is not None:
+            self.tracker = tracker or MLflowTracker()
+            self._thread = threading.Thread(target=self._follow, name='coronary-monitor', daemon=True)
+            self._thread.start()
+
+    def _repr_markdown_(self) -> str: return f"**TrainingMonitor** · {self._line()}"
+
+# %% ../nbs/api/06_panels.ipynb #fea84696
+@patch
+def _line(self:TrainingMonitor) -> str:
+    "Run, epoch, best and ETA in one line"
+    if not self.history: return f"run `{self.run_id}`: no epochs yet" if self.run_id else 'waiting for training'
+    last, n = self.history[-1], len(self.history)
+    vals = [h for h in self.history if isinstance(h.get('val_dice'), (int, float))]
+    best = max(vals, key=lambda h: h['val_dice']) if vals else None
+    total = self.total or n
+    eta = (time.time() - self.t0) / n * (total - n) if total > n and not self.done else 0
+    return (f"run `{self.run_id}` · epoch {last['epoch'] + 1}/{total}"
+            + (f" · best val_dice {best['val_dice']:.3f} at epoch {best['epoch']}" if best else '')
+            + (f" · ETA {eta / 60:.1f} min" if eta else '') + (' · stopping after this epoch' * (self.stop_requested and
+                                                                                                  not self.done)))
+
+@patch
+def _redraw(self:TrainingMonitor, overlay:bytes|None=None):
+    self.title.value = f"<b>training</b> <code>{html.escape(str(self.run_id))}</code>"
+    self.stats.value = html.escape(self._line()).replace('`', '')
+    self.curves.value = svg_curves(self.history)
+    if overlay: self.overlay.value = overlay
+
+@patch
+def begin(self:TrainingMonitor, run_id:str, epochs:range):
+    "Called by `train` when the run is open (implements `train.Monitor`)"
+    self.run_id, self.total, self.t0, self.history = run_id, len(epochs), time.time(), []
+    self._redraw()
+    if self.show and live_bars():  # a Jupyter kernel (or a terminal, where display prints the text line)
+        from IPython.display import display
+        display(self)
+
+@patch
+def epoch(self:TrainingMonitor, m:dict, history:list, overlay:bytes|None=None):
+    "Called on `train`'s logger thread after each epoch is filed: what the loop already made, nothing more"
+    self.history = list(history); self._redraw(overlay)
+
+@patch
+def end(self:TrainingMonitor, result=None):
+    "Called by `train` when training ends"
+    self.done = True; self.stop.disabled = True
+    self.stop.description = 'stopped' if self.stop_requested else 'finished'
+    self._redraw()
+
+@patch
+def request_stop(self:TrainingMonitor):
+    "End training after the running epoch: the loop reads it, and a followed run finds it as a tag in the store"
+    self.stop_requested = True; self.stop.disabled = True; self.stop.description = 'stopping…'
+    if self._following: self.tracker.client.set_tag(self.run_id, TAG_STOP_REQUEST, 'true')
+    self._redraw()
+
+# %% ../nbs/api/06_panels.ipynb #00938761
+@patch
+def start(self:TrainingMonitor, cfg=None, **kw) -> TrainingMonitor:
+    "Run `train(cfg, monitor=self, **kw)` in a background thread, keeping the notebook and Stop responsive"
+    if self._following: raise RuntimeError(f"This monitor follows run {self.run_id}; make a new one to train")
+    if self._thread is not None and self._thread.is_alive(): raise RuntimeError("This monitor is watching a training")
+    from coronary_mlops.train import train
+    kw.setdefault('progress', False)  # the view replaces the bars, which a thread would print into other cells
+    self.show, self.result, self.error, self.stop_requested = False, None, None, False  # the caller displays it
+    def run():
+        try: self.result = train(cfg, monitor=self, **kw)
+        except BaseException as e:
+            self.error = e; self.stats.value = _error_html(e)
+    self._thread = threading.Thread(target=run, name='coronary-train', daemon=True)
+    self._thread.start()
+    return self
+
+@patch
+def wait(self:TrainingMonitor, timeout:float|None=None):
+    "The `TrainResult` of `start`'s training once it ends (its error, raised, if it failed); None if still running"
+    if self._thread is None: raise RuntimeError("Nothing to wait for: call start() first")
+    self._thread.join(timeout)
+    if self.error is not None: raise self.error
+    return self.result
+
+# %% ../nbs/api/06_panels.ipynb #96b3abe3
+@patch
+def poll(self:TrainingMonitor) -> bool:
+    "Read the followed run once: its metric histories, epochs, newest overlay and status; False once it has ended"
+    c = self.tracker.client
+    run = c.get_run(self.run_id)
+    self.total = int(run.data.params['epochs']) if run.data.params.get('epochs', '').isdigit() else self.total
+    self.t0 = run.info.start_time / 1000
+    by_epoch = {}
+    for k in ('train_loss', 'val_dice', 'val_cldice'):
+        if k in run.data.metrics:
+            for p in c.get_metric_history(self.run_id, k): by_epoch.setdefault(p.step, {'epoch': p.step})[k] = p.value
+    history = [by_epoch[e] for e in sorted(by_epoch)]
+    overlay = None
+    if history and len(history) != len(self.history):
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                path = c.download_artifacts(self.run_id, f"predictions/epoch_{history[-1]['epoch']:03d}/overlay.png", d)
+                overlay = Path(path).read_bytes()
+        except Exception: pass  # not uploaded yet: the next poll finds it
+    self.history, self.done = history, run.info.status != 'RUNNING'
+    if self.done: self.stop.disabled, self.stop.description = True, run.info.status.lower()
+    self._redraw(overlay)
+    return not self.done
+
+@patch
+def _follow(self:TrainingMonitor):
+    while True:
+        try:
+            if not self.poll(): return
+        except Exception as e: self.stats.value = _error_html(e)
+        time.sleep(self.poll_s)

@@ -107,7 +107,9 @@ class Segmenter:
     "A network and its `Preprocessing`: a CT in, the vessel mask and probability on the CT's own grid out"
     def __init__(self, network:torch.nn.Module, prep:Preprocessing, device=None, amp:torch.dtype|None=None):
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-        self.network, self.prep, self.amp = network.eval().to(self.device), prep, amp
+        try: network = network.eval()
+        except NotImplementedError: pass  # a torch.export GraphModule (MLflow's pytorch flavour) is fixed in eval mode
+        self.network, self.prep, self.amp = network.to(self.device), prep, amp
         self.pre = inference_transforms(prep)
         self.invert = Invertd('pred', transform=self.pre, orig_keys='image', nearest_interp=False)
 

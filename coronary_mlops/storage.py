@@ -11,7 +11,7 @@ from dataclasses import asdict, is_dataclass
 from datetime import date, datetime
 from enum import Enum
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 import importlib.metadata as im
 import numpy as np
 import torch
@@ -261,10 +261,15 @@ def epoch_summary(epoch:int, # the epoch
                   metrics:Mapping, # {name: value}
                   paths:Mapping, # {artifact type: run-relative path or paths}
                   timestamp_ms:int, # when the epoch was logged, ms since the Unix epoch
+                  cases:Sequence[Mapping]|None=None, # per-case rows (the metadata's `cases`), shown as a table
                  ) -> str:
     "Markdown summary of one epoch"
     lines = [f"# Epoch {epoch} Summary", "## Metrics", "| Metric | Value |", "|--------|-------|"]
     lines += [f"| {k} | {fmt_value(v)} |" for k, v in metrics.items()]
+    if cases:
+        cols = list(cases[0])
+        lines += ["## Cases", '| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]
+        lines += ['| ' + ' | '.join(fmt_value(r.get(c, '')) for c in cols) + ' |' for r in cases]
     lines.append("## Artifacts")
     for kind, p in paths.items():
         for one in ([p] if isinstance(p, str) else p): lines.append(f"- **{kind}**: `/{one}`")

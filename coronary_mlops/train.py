@@ -6,12 +6,13 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/train.html.md"""
 
 # %% ../nbs/api/05_train.ipynb #387a2e2b
 from __future__ import annotations
-import json, math, os, shutil, sys, tempfile, time, warnings
+import json, logging, math, os, shutil, sys, tempfile, time, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 import numpy as np
+import nibabel as nib
 import torch
 import matplotlib, matplotlib.image
 from matplotlib.figure import Figure
@@ -25,21 +26,26 @@ from monai.transforms import AsDiscrete
 from monai.utils import set_determinism
 from torch.utils.data.distributed import DistributedSampler
 from .config import Settings, load_settings
-from .layout import TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_TASK
+from .layout import (TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_STOP_REQUEST, TAG_STOPPED,
+                                   TAG_TASK)
 from .storage import snapshot_state
 from .tracker import MLflowTracker
-from .data import (CT_WINDOW, check_pairs, dataset_digest, datasets, discover, find_cause, fingerprint,
+from .data import (CT_WINDOW, available_memory, check_pairs, dataset_digest, datasets, discover, find_cause, fingerprint,
                                  generate_phantoms, plan_preprocessing, PhantomConfig)
 from .evaluate import cldice, evaluate_cases, summarize, write_cases_csv
 from .predict import Preprocessing, Segmenter, log_segmenter, unet
 from . import registry
 
 # %% auto #0
-__all__ = ['CURVES_BUDGET', 'TrainConfig', 'build_model', 'network_config', 'preprocessing', 'curves_figure', 'overlay_image',
-           'save_png', 'pick_device', 'amp_dtype', 'TrainingOOMError', 'oom_hint', 'dist_info', 'DistContext',
-           'setup_process', 'evaluate', 'TrainResult', 'live_bars', 'plan_run', 'make_datasets', 'cache_line',
-           'Loaders', 'make_loaders', 'TrainParts', 'build_parts', 'train_epoch', 'validate', 'EarlyStopping',
-           'EpochFiler', 'run_description', 'version_tags', 'version_description', 'train']
+__all__ = ['PHANTOM_ROI', 'CURVES_BUDGET', 'TrainConfig', 'build_model', 'network_config', 'preprocessing', 'curves_figure',
+           'overlay_image', 'save_png', 'pick_device', 'amp_dtype', 'TrainingOOMError', 'oom_hint', 'dist_info',
+           'DistContext', 'setup_process', 'evaluate', 'TrainResult', 'live_bars', 'patch_bytes_per_voxel',
+           'patch_memory', 'plan_patch', 'plan_run', 'make_datasets', 'cache_line', 'Loaders', 'make_loaders',
+           'TrainParts', 'build_parts', 'train_epoch', 'validate', 'EarlyStopping', 'save_volumes', 'EpochFiler',
+           'Monitor', 'run_description', 'version_tags', 'version_description', 'train']
+
+# %% ../nbs/api/05_train.ipynb #8774f92c
+log = logging.getLogger('coronary_mlops.train')
 
 # %% ../nbs/api/05_train.ipynb #0cbf7d91
 @dataclass
@@ -50,7 +56,7 @@ class TrainConfig:
     learning_rate:float = 3e-3          # AdamW's learning rate at the start of the cosine schedule
     weight_decay:float = 1e-5           # AdamW's weight decay
     seed:int = 42                       # seeds the split, the phantoms, the weights and the random patches
-    roi_size:tuple = (48, 48, 48)       # patch size in voxels, for training and for the sliding window
+    roi_size:tuple|None = None          # patch (voxels) for training and the sliding window; unset: fits the memory
     pixdim:tuple|None = None            # spacing (mm) to resample to; unset: the data's median spacing
     window:tuple|None = None            # HU mapped to [0, 1]; unset: vessel HU 0.5-99.5 %; --window=-200,700
     channels:tuple = (16, 32, 64, 128)  # U-Net feature channels, one per level
@@ -71,14 +77,14 @@ class TrainConfig:
     def __post_init__(self):
         for k in ('epochs', 'batch_size', 'samples_per_case', 'val_interval', 'patience'):
             if getattr(self, k) < 1: raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
-        if len(self.roi_size) != 3 or min(self.roi_size) < 8:
+        if self.roi_size is not None and (len(self.roi_size) != 3 or min(self.roi_size) < 8):
             raise ValueError(f"roi_size must be three sizes of at least 8, got {self.roi_size}")
         div = 2 ** len(self.strides)
         if self.pixdim is not None and (len(self.pixdim) != 3 or min(self.pixdim) <= 0):
             raise ValueError(f"pixdim must be three spacings in mm above 0, got {self.pixdim}")
         if self.window is not None and (len(self.window) != 2 or not self.window[0] < self.window[1]):
             raise ValueError(f"window must be two HU values, low then high, got {self.window}")
-        if any(r % div for r in self.roi_size):
+        if any(r % div for r in self.roi_size or ()):
             raise ValueError(f"roi_size {self.roi_size} must be divisible by {div} (2 ** number of strides)")
 
 # %% ../nbs/api/05_train.ipynb #054c2c53
@@ -87,18 +93,22 @@ def from_settings(cls:TrainConfig, settings:Settings|None=None, **overrides) -> 
     "Defaults from `settings.ini` `[training]`, then `overrides` (None means not set)"
     s = settings or load_settings()
     base = dict(epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate, seed=s.seed,
-                num_workers=s.num_workers, val_interval=s.val_interval, roi_size=tuple(s.roi_size),
+                num_workers=s.num_workers, val_interval=s.val_interval,
+                roi_size=tuple(s.roi_size) if s.roi_size else None,
                 cache_budget_gb=s.cache_budget_gb)
     known = [f.name for f in fields(cls)]
     if bad := set(overrides) - set(known): raise TypeError(f"Unknown training options {sorted(bad)}; known: {known}")
     return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 # %% ../nbs/api/05_train.ipynb #p1a2b3c2
+PHANTOM_ROI = (48, 48, 48)  # the phantoms' patch when none is set (a default phantom is 64³)
+
 @patch
-def planned(self:TrainConfig, pixdim=None, window=None) -> TrainConfig:
-    "This configuration with `pixdim` and `window` filled where unset: from the arguments, else the phantoms' values"
+def planned(self:TrainConfig, pixdim=None, window=None, roi_size=None) -> TrainConfig:
+    "This configuration with `pixdim`, `window` and `roi_size` filled where unset: from the arguments, else phantoms'"
     return replace(self, pixdim=tuple(self.pixdim or pixdim or (0.8, 0.8, 0.8)),
-                   window=tuple(self.window or window or CT_WINDOW))
+                   window=tuple(self.window or window or CT_WINDOW),
+                   roi_size=tuple(self.roi_size or roi_size or PHANTOM_ROI))
 
 # %% ../nbs/api/05_train.ipynb #bc50c63c
 def build_model(cfg:TrainConfig) -> torch.nn.Module:
@@ -276,20 +286,27 @@ def evaluate(model,                 # the network; it is put in eval mode
              cfg:TrainConfig,       # window size, windows per pass, overlap and voxel spacing
              device,                # where to predict
              amp=None,              # autocast dtype (`amp_dtype`); None for float32
-             keep_first:bool=False, # also return the first case's image, label and prediction
+             keep_first:bool=False, # also return the first case's image, label and prediction, and per-case rows
             ) -> tuple[dict, dict|None]:
-    "Mean val_dice, val_cldice and val_hd95 over `loader`; and the first case's arrays for a figure"
+    "Mean val_dice, val_cldice and val_hd95 over `loader`; the first case's arrays for a figure, and a row per case"
     model.eval(); cfg = cfg.planned()
     dice, hd = DiceMetric(include_background=False), HausdorffDistanceMetric(include_background=False, percentile=95)
-    cl, first = [], None
+    cl, first, rows, ml = [], None, [], math.prod(cfg.pixdim) / 1000
     with torch.no_grad():
         for b in loader:
             x, y = b['image'].to(device), b['label'].to(device)
             preds, labels = _predict(model, x, cfg, device, amp), [_post_label(l) for l in decollate_batch(y)]
-            dice(preds, labels); hd(preds, labels, spacing=list(cfg.pixdim))
-            cl += cldice(torch.stack([p[1:] for p in preds]), torch.stack([l[1:] for l in labels])).tolist()
+            d, h = dice(preds, labels), hd(preds, labels, spacing=list(cfg.pixdim))  # each case's values
+            c = cldice(torch.stack([p[1:] for p in preds]), torch.stack([l[1:] for l in labels])).tolist()
+            cl += c
             if keep_first and first is None:
                 first = dict(image=x[0, 0].cpu().numpy(), label=y[0, 0].cpu().numpy(), pred=preds[0][1].cpu().numpy())
+            if keep_first:
+                names = b.get('case') or [f"case {len(rows) + i}" for i in range(len(preds))]
+                rows += [dict(case=names[i], dice=float(d[i, 0]), cldice=c[i], hd95_mm=float(h[i, 0]),
+                              pred_ml=float(preds[i][1].sum()) * ml, true_ml=float(labels[i][1].sum()) * ml)
+                         for i in range(len(preds))]
+    if first is not None: first['cases'] = rows  # this process's cases (under torchrun, rank 0 files its share)
     h = hd.aggregate().item()  # under torchrun MONAI's metrics gather every process's cases themselves
     total, n = _sum_across(float(np.sum(cl)), len(cl), device)
     return dict(val_dice=dice.aggregate().item(), val_cldice=total / max(n, 1),
@@ -324,18 +341,56 @@ def live_bars(stream=None) -> bool:
     ip = sys.modules.get('IPython')
     return ip is not None and getattr(ip.get_ipython(), 'kernel', None) is not None
 
+# %% ../nbs/api/05_train.ipynb #37266fc6
+def patch_bytes_per_voxel(cfg:TrainConfig) -> float:
+    "Bytes a training step keeps for the backward pass per voxel of one patch: autograd's saved tensors, counted"
+    model, div = build_model(cfg), 2 ** len(cfg.strides)
+    def saved(n):
+        total = 0
+        def pack(t):
+            nonlocal total; total += t.numel() * t.element_size(); return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): model(torch.zeros(1, 1, n, n, n))
+        return total
+    a, b = 2 * div, 4 * div  # the slope between two sizes: the weights, saved at both, cancel out
+    return (saved(b) - saved(a)) / (b ** 3 - a ** 3)
+
+def patch_memory(device=None) -> int:
+    "Bytes a step may take: 80 % of a CUDA device; on the CPU a quarter of the free memory, at most 8 GiB"
+    device = torch.device(device or pick_device())
+    if device.type == 'cuda': return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
+    return int(min(available_memory() / 4, 8 * 2**30))  # 8 GiB: the GPU nnU-Net's reference plans are made for
+
+def plan_patch(extent_mm,             # the median case's size in mm, RAS order (`fingerprint`'s `extent_mm_median`)
+               pixdim,                # the planned spacing (mm)
+               cfg:TrainConfig,       # the network, `batch_size` and `samples_per_case`
+               memory:int,            # bytes a step may take (`patch_memory`)
+              ) -> dict:              # roi_size, and the estimate it rests on
+    "The largest patch up to the median case whose training step fits `memory`, shrinking the longest side first"
+    div, per_voxel, patches = 2 ** len(cfg.strides), patch_bytes_per_voxel(cfg), cfg.batch_size * cfg.samples_per_case
+    p = [max(2 * div, int(e / s) // div * div) for e, s in zip(extent_mm, pixdim)]
+    need = lambda p: 2 * per_voxel * patches * math.prod(p)  # saved activations, and their gradients at the peak
+    while need(p) > memory and max(p) > 2 * div: p[int(np.argmax(p))] -= div
+    return dict(roi_size=tuple(p), gb=round(need(p) / 2**30, 2), memory_gb=round(memory / 2**30, 2),
+                bytes_per_voxel=round(per_voxel, 1))
+
 # %% ../nbs/api/05_train.ipynb #83ce4aad
 def plan_run(cfg:TrainConfig,                  # what is set wins
              cases:list,                       # the checked `{image, label}` pairs
-             phantom:PhantomConfig|None=None,  # given for phantoms: their own spacing and `CT_WINDOW`
+             phantom:PhantomConfig|None=None,  # given for phantoms: their own spacing, `CT_WINDOW` and `PHANTOM_ROI`
+             device=None,                      # whose memory the patch must fit; default `pick_device()`
             ) -> tuple[TrainConfig, dict]:     # (`cfg` planned, the plan to log as `plan.*`)
-    "Fill `cfg`'s unset `pixdim` and `window` from the cases' `fingerprint`, as nnU-Net plans; phantoms keep their own"
+    "Fill `cfg`'s unset spacing, window and patch from the cases' `fingerprint` and the memory, as nnU-Net plans"
     if phantom is not None: return cfg.planned(phantom.spacing), dict(source='phantoms')
-    if cfg.pixdim is not None and cfg.window is not None: return cfg, dict(source='set')
+    unset = [k for k in ('pixdim', 'window', 'roi_size') if getattr(cfg, k) is None]
+    if not unset: return cfg, dict(source='set')
     fp = fingerprint(cases, seed=cfg.seed)
-    p = plan_preprocessing(fp)
-    source = 'fingerprint' if cfg.pixdim is None and cfg.window is None else 'fingerprint, partly set'
-    return cfg.planned(p['pixdim'], p['window']), dict(source=source, **fp)
+    p = plan_preprocessing(fp) if {'pixdim', 'window'} & set(unset) else {}
+    roi, patch = cfg.roi_size, {}
+    if roi is None:
+        patch = plan_patch(fp['extent_mm_median'], cfg.pixdim or p['pixdim'], cfg, patch_memory(device))
+        roi = patch.pop('roi_size')
+    return cfg.planned(p.get('pixdim'), p.get('window'), roi), dict(source='fingerprint', planned=', '.join(unset),
+                                                                    **fp, **{f"patch_{k}": v for k, v in patch.items()})
 
 def make_datasets(cfg:TrainConfig,                   # split fractions, seed, ROI, spacing, caching, patches per case
                   data_dir=None,                     # a folder of image/label pairs (ImageCAS, ASOCA or Decathlon)
@@ -343,6 +398,7 @@ def make_datasets(cfg:TrainConfig,                   # split fractions, seed, RO
                   work_dir='.',                      # phantoms are written to its `phantoms/` folder
                   phantom:PhantomConfig|None=None,   # what the phantoms look like
                   cache_dir=None,                    # the disk cache's folder when over budget (`datasets`)
+                  device=None,                       # whose memory a planned patch must fit (`plan_run`)
                  ) -> dict:                          # `datasets`' train, val, test, split and cache; `cfg` and `plan`
     "The run's datasets, from a checked, planned folder or from phantoms seeded by `cfg.seed`; bad data: `DataError`"
     if data_dir is not None and synthetic: raise ValueError("Pass data_dir or synthetic, not both")
@@ -352,7 +408,7 @@ def make_datasets(cfg:TrainConfig,                   # split fractions, seed, RO
             phantom = phantom or PhantomConfig()
             cases = generate_phantoms(synthetic or 12, Path(work_dir)/'phantoms', seed=cfg.seed * 1000, config=phantom,
                                       progress=live_bars())
-        cfg, plan = plan_run(cfg, cases, phantom)
+        cfg, plan = plan_run(cfg, cases, phantom, device)
         ds = datasets(cases, cfg.roi_size, cfg.pixdim, cfg.seed, cfg.cache, cfg.fractions, cfg.samples_per_case,
                       cfg.num_workers, cache_budget_gb=cfg.cache_budget_gb, cache_dir=cache_dir, window=cfg.window)
         return {**ds, 'cfg': cfg, 'plan': plan}
@@ -486,26 +542,51 @@ class EarlyStopping:
 # %% ../nbs/api/05_train.ipynb #d4141fcf
 CURVES_BUDGET = 0.01  # the share of wall time that redrawing the training curves may take (it competes with training)
 
-def _log_epoch(tracker, run_id, epoch, state, m, history, first, is_best, cfg, step, work, curves_cost=None):
-    "Draw the epoch's pictures and file the epoch (runs on the logger thread); curves only when `curves_cost` is given"
+def save_volumes(first:dict,    # `evaluate`'s first case: `image` (windowed to [0, 1]), `label` and `pred`
+                 pixdim,         # their spacing (mm); the arrays are in RAS orientation
+                 folder,         # where to write
+                ) -> list[Path]:  # val_image, val_label and val_pred .nii.gz
+    "The validation case as the network saw it, as small NIfTI files (uint8, gzip) for the slice viewer"
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    affine, out = np.diag([*map(float, pixdim), 1.0]), []
+    for k, scale in (('image', 255), ('label', 1), ('pred', 1)):
+        a = np.clip(np.rint(np.asarray(first[k], np.float32) * scale), 0, 255).astype(np.uint8)
+        out.append(folder/f"val_{k}.nii.gz"); nib.save(nib.Nifti1Image(a, affine), out[-1])
+    return out
+
+def _log_epoch(tracker, run_id, epoch, state, m, history, first, is_best, cfg, step, work, curves_cost=None,
+               volumes=False, monitor=None) -> bool:
+    "Draw and file the epoch (on the logger thread), tell `monitor`; True if a stop was asked for in the run's tags"
     d = Path(work)/'figures'/f"epoch_{epoch:03d}"
     arts = {}
     if curves_cost is not None:
         t0 = time.perf_counter()
         arts['training_curves'] = save_png(curves_figure(history), d/'curves.png')
         curves_cost[0] = 0.5 * curves_cost[0] + 0.5 * (time.perf_counter() - t0)
-    if first: arts['predictions'] = save_png(overlay_image(**first), d/'overlay.png')
+    if first:
+        overlay = overlay_image(*(first[k] for k in ('image', 'label', 'pred')))
+        arts['predictions'] = [save_png(overlay, d/'overlay.png')]
+        if volumes: arts['predictions'] += save_volumes(first, cfg.pixdim, d)
+    cases = {'cases': first['cases']} if first and first.get('cases') else {}  # the summary's table
     tracker.log_epoch(epoch, model_state=state, metrics={k: v for k, v in m.items() if k != 'epoch'}, artifacts=arts,
-                      metadata={'hyperparameters': asdict(cfg), 'seed': cfg.seed, 'global_step': step},
+                      metadata={'hyperparameters': asdict(cfg), 'seed': cfg.seed, 'global_step': step, **cases},
                       is_best=is_best, run_id=run_id)
+    if monitor is not None:
+        try: monitor.epoch(m, history, (d/'overlay.png').read_bytes() if first else None)
+        except Exception as e: log.warning("The live view failed (%s: %s); training goes on", type(e).__name__, e)
     shutil.rmtree(d, ignore_errors=True)
+    try: return tracker.client.get_run(run_id).data.tags.get(TAG_STOP_REQUEST) == 'true'  # a monitor elsewhere
+    except Exception: return False
 
 class EpochFiler:
     "Draws and files each epoch on one background thread while the next one trains; a context manager"
-    def __init__(self, tracker, run_id:str|None, cfg:TrainConfig, work, epochs:range):
+    def __init__(self, tracker, run_id:str|None, cfg:TrainConfig, work, epochs:range, monitor=None):
         self.tracker, self.run_id, self.cfg, self.work, self.first_epoch = tracker, run_id, cfg, Path(work), epochs[0]
+        self.monitor, self.stop_asked = monitor, False  # stop_asked: the run's tags asked for a stop
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='coronary-epoch-logger')
         self.pending, self.curves_cost, self.last_draw = None, [0.1], time.perf_counter()
+        self.volumes = getattr(getattr(tracker, 'settings', None), 'prediction_volumes', 'best')  # settings.ini
+        self.volumes_saved = 0
     def __enter__(self): return self
     def __exit__(self, exc_type, *_):
         self.pool.shutdown(wait=True)  # also on Ctrl-C: the epoch in hand is filed, so its checkpoint is kept
@@ -529,16 +610,21 @@ def file(self:EpochFiler,
     draw = (final or epoch == self.first_epoch
             or self.curves_cost[0] <= CURVES_BUDGET * (time.perf_counter() - self.last_draw))
     if draw: self.last_draw = time.perf_counter()
+    vols = first is not None and (self.volumes == 'every' or (self.volumes == 'best' and bool(is_best))
+                                  or (self.volumes == 'first' and not self.volumes_saved))
+    self.volumes_saved += vols
     if self.pending is not None: self.pending.result()  # surfaces an error of the previous epoch; at most one waits
     self.pending = self.pool.submit(_log_epoch, self.tracker, self.run_id, epoch, snapshot_state(parts.state(epoch)),
                                     m, list(history), first, is_best, self.cfg, step, self.work,
-                                    self.curves_cost if draw else None)
+                                    self.curves_cost if draw else None, vols, self.monitor)
+    self.pending.add_done_callback(lambda f: f.exception() or not f.result() or setattr(self, 'stop_asked', True))
 
 # %% ../nbs/api/05_train.ipynb #3e581b8e
 @dataclass
 class _RunContext:
     "What every step of one training run shares"
     tracker:object; run_id:str|None; cfg:TrainConfig; proc:DistContext; amp:torch.dtype|None; work:Path; progress:bool
+    monitor:object = None  # a live view (`Monitor`), on rank 0
 
 _CONTEXTS = dict(train='training', val='validation', test='test')  # MLflow's `mlflow.data.context` values
 
@@ -579,13 +665,22 @@ def _begin(r:_RunContext, parts:TrainParts, data_dir, split:dict, resume:dict|No
     else: _log_inputs(r, data_dir, split, cache, plan)
     return stopper, range(start, start + r.cfg.epochs), step
 
+# %% ../nbs/api/05_train.ipynb #255835f1
+class Monitor:
+    "What `train` tells a live view, and asks of it; `panels.TrainingMonitor` is the notebook's. Override what you need"
+    stop_requested:bool = False  # read by the loop after each epoch: True ends training there (tag TAG_STOPPED)
+    def begin(self, run_id:str, epochs:range): "The run is open; `epochs` will train"
+    def epoch(self, m:dict, history:list, overlay:bytes|None):
+        "An epoch is filed (called on the logger thread): its metrics, all so far, and its overlay PNG"
+    def end(self, result): "Training ended with `result` (a `TrainResult`), or None if it failed"
+
 # %% ../nbs/api/05_train.ipynb #e38709ab
 def _run_epochs(r:_RunContext, parts:TrainParts, loaders:Loaders, stopper:EarlyStopping, epochs:range,
                 step:int) -> list:
     "Train, validate, decide and file each epoch, until the last or until early stopping; return the history"
     live = r.progress and live_bars()  # elsewhere (logs, CI) one line per epoch instead of redrawn bars
     history, bar, t0 = [], tqdm(epochs, desc='epochs', disable=not live), time.perf_counter()
-    with EpochFiler(r.tracker, r.run_id, r.cfg, r.work, epochs) as filer:
+    with EpochFiler(r.tracker, r.run_id, r.cfg, r.work, epochs, r.monitor) as filer:
         for epoch in bar:
             if loaders.sampler is not None: loaders.sampler.set_epoch(epoch)
             loss, step = train_epoch(parts, loaders.train, r.cfg, r.proc, r.amp, tracker=r.tracker, step=step,
@@ -601,7 +696,11 @@ def _run_epochs(r:_RunContext, parts:TrainParts, loaders:Loaders, stopper:EarlyS
                       f"val_dice {m.get('val_dice', math.nan):.3f}, best {stopper.best:.3f}, "
                       f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
-            if _broadcast_flag(stopper.stop, r.proc.world, r.proc.device):  # rank 0 decides; the others follow
+            by_hand = filer.stop_asked or getattr(r.monitor, 'stop_requested', False)
+            if _broadcast_flag(by_hand, r.proc.world, r.proc.device):  # rank 0 decides; the others follow
+                r.tracker.set_tag(TAG_STOPPED, f"epoch {epoch}: stopped by hand")
+                break
+            if _broadcast_flag(stopper.stop, r.proc.world, r.proc.device):
                 r.tracker.set_tag(TAG_EARLY_STOP, f"epoch {epoch}: no val_dice gain for {stopper.stale} validations")
                 break
     return history
@@ -707,6 +806,7 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
           work_dir=None,                   # where phantoms, the split and exports go; default: a temporary folder
           phantom:PhantomConfig|None=None, # what the phantoms look like
           progress:bool=True,              # show progress bars for the epochs and their steps
+          monitor:Monitor|None=None,       # a live view, e.g. `panels.TrainingMonitor()`: told of each epoch, may stop
          ) -> TrainResult:
     "Train a coronary segmentation model with full tracking; see above for what is logged"
     t_start = time.time()
@@ -719,16 +819,21 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
     work = Path(work_dir or tempfile.mkdtemp(prefix='coronary-train-'))
     if proc.world > 1: work = work/f"rank{proc.rank}"
     work.mkdir(parents=True, exist_ok=True)
-    ds = make_datasets(cfg, data_dir, synthetic, work, phantom, cache_dir=Path(base.store_dir)/'cache')
-    cfg = ds['cfg']  # spacing and window planned from the data where not set
+    ds = make_datasets(cfg, data_dir, synthetic, work, phantom, Path(base.store_dir)/'cache', proc.device)
+    cfg = ds['cfg']  # spacing, window and patch planned from the data where not set
     if progress and proc.rank == 0: print(cache_line(ds['cache']), file=sys.stderr, flush=True)
     loaders, parts = make_loaders(ds, cfg, proc), build_parts(cfg, proc, amp)
     state = _resume_state(tracker, resume) if resume else None  # a bad checkpoint leaves the old run untouched
     with tracker.start_run(run_name=run_name, resume_run_id=resume, tags={TAG_TASK: 'coronary-segmentation'}) as run:
-        r = _RunContext(tracker, run.run_id, cfg, proc, amp, work, progress)
+        r = _RunContext(tracker, run.run_id, cfg, proc, amp, work, progress, monitor if proc.rank == 0 else None)
         stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], state, ds['cache'], ds['plan'])
-        history = _run_epochs(r, parts, loaders, stopper, epochs, step)
+        if r.monitor is not None: r.monitor.begin(run.run_id, epochs)
+        try: history = _run_epochs(r, parts, loaders, stopper, epochs, step)
+        except BaseException:
+            if r.monitor is not None: r.monitor.end(None)
+            raise
         result = _end(r, parts.model, ds['split']['test'], stopper, history, onnx)
+        if r.monitor is not None: r.monitor.end(result)
     if register and result.model_uri:
         mv = registry.register_model(result.run_id, tracker=tracker, alias=alias, model_uri=result.segmenter_uri,
                                      tags=version_tags(result, cfg, tracker),

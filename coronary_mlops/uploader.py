@@ -264,7 +264,8 @@ def _render(job:Path, spec:dict):
             dst = safe_join(tree, rel); dst.parent.mkdir(parents=True, exist_ok=True); os.replace(src, dst)
     files = {p['metrics']: dumps_json({'epoch': epoch, 'timestamp_ms': ts, 'metrics': spec['metrics']}, 'metrics'),
              p['metadata']: dumps_json(spec['metadata'], 'metadata'),
-             p['summary']: epoch_summary(epoch, spec['metrics'], {k: v for k, v in p.items() if k != 'summary'}, ts),
+             p['summary']: epoch_summary(epoch, spec['metrics'], {k: v for k, v in p.items() if k != 'summary'}, ts,
+                                         cases=spec['metadata'].get('cases')),
              **{rel: dumps_json(obj, rel) for rel, obj in spec['inline'].items()}}
     for rel, text in files.items():
         f = safe_join(tree, rel)

@@ -93,6 +93,30 @@ def run_all(page, tries: int = 3):
     raise AssertionError("Run All Cells started no cell")
 
 
+def running_cell(page) -> str:
+    "The first line of the cell JupyterLab shows as running ([*]), or ''"
+    cell = page.locator('.jp-CodeCell', has=page.locator('.jp-InputArea-prompt', has_text='[*]'))
+    return cell.first.locator('.jp-InputArea-editor').inner_text().strip().splitlines()[0] if cell.count() else ''
+
+
+def wait_for_output(page, url: str, text: str, ceiling: float = 1500):
+    "Until an output shows `text`: while the kernel works, however long (up to `ceiling` s); else fail saying where"
+    t0, out = time.time(), page.locator('.jp-OutputArea-output', has_text=text)
+    while True:
+        if out.count(): return
+        err = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]', has_text='Traceback (most recent call last)')
+        if err.count(): raise AssertionError(f"a cell failed: {err.first.inner_text()[-1500:]}")
+        states = [s['kernel']['execution_state'] for s in requests.get(f"{url}/api/sessions", timeout=5).json()]
+        cell = running_cell(page)
+        if states == ['idle'] and not cell:  # the kernel rests and no cell waits, yet the text never came
+            time.sleep(3)
+            if out.count(): return
+            raise AssertionError(f"the kernel is idle and no output shows {text!r}")
+        if time.time() - t0 > ceiling:
+            raise AssertionError(f"after {ceiling:.0f} s the kernel is {states}, still running the cell {cell!r}")
+        time.sleep(2)
+
+
 def versions(store: Path, name='coronary-quickstart') -> int:
     uri = f"sqlite:///{store/'mlflow.db'}"
     return len(MlflowClient(uri, registry_uri=uri).search_model_versions(f"name='{name}'"))
@@ -107,8 +131,9 @@ def test_tutorial_panels_render_and_register_in_jupyterlab(browser, lab):
         page.wait_for_selector('.jp-Notebook .jp-Cell', timeout=90_000)
         wait_kernel_idle(url)
         run_all(page)
-        # the last cell prints the held-out Dice once everything above it ran: training, panels, registration
-        page.locator('.jp-OutputArea-output', has_text='Dice on the held-out phantom:').wait_for(timeout=240_000)
+        # the last cell prints the held-out Dice once everything above it ran: training, panels, registration;
+        # waited for on the kernel's state and the cells' progress, not on a fixed time (a busy machine is slower)
+        wait_for_output(page, url, 'Dice on the held-out phantom:')
         page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=60_000)
 
         panel = page.locator('.coronary-browser')
@@ -120,6 +145,30 @@ def test_tutorial_panels_render_and_register_in_jupyterlab(browser, lab):
         panel.locator('.widget-html', has_text='epoch 3').wait_for(timeout=30_000)  # the kernel answered the change
         assert 'epoch_003' in panel.locator('.coronary-files select').input_value()
         panel.screenshot(path=str(ARTIFACTS/'artifact_browser.png'))
+
+        # the best epoch (★) saved the validation case as NIfTI: selecting its prediction opens the slice viewer
+        best = next(t for t in epoch.locator('option').all_inner_texts() if t.endswith('★'))
+        epoch.select_option(label=best)
+        panel.locator('.widget-html', has_text=f"epoch {best.split()[0]}").wait_for(timeout=30_000)
+        files = panel.locator('.coronary-files select')
+        files.select_option(label=next(t for t in files.locator('option').all_inner_texts() if 'val_pred' in t))
+        viewer = panel.locator('.coronary-slice-viewer')
+        viewer.locator('img').wait_for(timeout=30_000)
+        src = viewer.locator('img').get_attribute('src')
+        viewer.locator('.noUi-handle').first.focus()
+        for _ in range(5): page.keyboard.press('ArrowRight')
+        page.wait_for_function("([el, old]) => el.src !== old", arg=[viewer.locator('img').element_handle(), src],
+                               timeout=30_000)  # the kernel redrew the slice
+        viewer.screenshot(path=str(ARTIFACTS/'slice_viewer.png'))
+
+        # the comparison's second tab: one line per run in each curve panel, as SVG elements
+        comp = page.locator('.coronary-comparison')
+        comp.scroll_into_view_if_needed()
+        comp.locator('.lm-TabBar-tab', has_text='curves and params').click()
+        comp.locator('svg g[id="run-1"]').first.wait_for(timeout=30_000)
+        assert comp.locator('svg g[id="run-0"]').count() == comp.locator('svg g[id="run-1"]').count() >= 2
+        assert comp.locator('svg g[id="run-2"]').count() == 0  # two runs, two lines
+        comp.screenshot(path=str(ARTIFACTS/'run_curves.png'))
 
         before = versions(store)
         assert before == 1  # the tutorial's own registration, from code
@@ -133,6 +182,52 @@ def test_tutorial_panels_render_and_register_in_jupyterlab(browser, lab):
         assert (ARTIFACTS/'artifact_browser.png').stat().st_size > 10_000
     except Exception:
         page.screenshot(path=str(ARTIFACTS/'failure.png'), full_page=True)
+        raise
+    finally:
+        page.close()
+
+
+LIVE = [  # a notebook that trains with a live monitor, long enough to be stopped by hand
+    "from coronary_mlops.data import PhantomConfig\nfrom coronary_mlops.panels import TrainingMonitor\n"
+    "from coronary_mlops.train import TrainConfig, train",
+    "cfg = TrainConfig(epochs=60, patience=60, roi_size=(32, 32, 32), channels=(8, 16, 32), strides=(2, 2), samples_per_case=2)\n"
+    "TrainingMonitor().start(cfg, synthetic=3, phantom=PhantomConfig(shape=(32, 32, 32)), run_name='live')",
+]
+
+
+def test_live_monitor_grows_and_stop_ends_the_run(browser, lab):
+    import nbformat
+    url, store = lab
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in LIVE])
+    nb.metadata = nbformat.read(ROOT/'nbs'/'tutorials'/'01_quickstart.ipynb', as_version=4).metadata  # its kernel
+    requests.put(f"{url}/api/contents/live.ipynb", json={'type': 'notebook', 'content': nb}, timeout=10).raise_for_status()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={'width': 1400, 'height': 1000})
+    try:
+        page.goto(f"{url}/lab/tree/live.ipynb", timeout=90_000)
+        page.wait_for_selector('.jp-Notebook .jp-Cell', timeout=90_000)
+        wait_kernel_idle(url)
+        run_all(page)
+        mon = page.locator('.coronary-monitor')
+        mon.wait_for(timeout=600_000)
+        points = lambda: int(mon.locator('polyline.curve-train_loss').get_attribute('data-points') or 0)
+        t0 = time.time()
+        while points() < 2:  # the curves grow epoch by epoch
+            assert time.time() - t0 < 600, f"the live curves stayed at {points()} points; running: {running_cell(page)!r}"
+            time.sleep(1)
+        grown = points()
+        assert mon.locator('img').first.get_attribute('src')  # the newest overlay
+        mon.screenshot(path=str(ARTIFACTS/'training_monitor.png'))
+        mon.get_by_role('button', name='Stop').click()  # the cell has ended (training runs in a thread): the kernel hears it
+        mon.get_by_role('button', name='stopped').wait_for(timeout=600_000)  # the monitor's end(): training is over
+        client = MlflowClient(f"sqlite:///{store/'mlflow.db'}")
+        run = client.search_runs([client.get_experiment_by_name('coronary-segmentation').experiment_id],
+                                 filter_string="attributes.run_name = 'live'")[0]
+        assert run.info.status == 'FINISHED' and run.data.tags['coronary_mlops.stopped'].endswith('stopped by hand')
+        assert grown <= len(client.get_metric_history(run.info.run_id, 'train_loss')) < 60  # stopped early, by hand
+        mon.screenshot(path=str(ARTIFACTS/'training_monitor_stopped.png'))
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS/'live_failure.png'), full_page=True)
         raise
     finally:
         page.close()

@@ -74,7 +74,7 @@ def test_the_memory_budget_picks_memory_below_and_disk_above_and_a_second_run_re
     mem = datasets(cases, roi_size=(16, 16, 16), cache_budget_gb=1.0)
     assert mem['cache']['mode'] == 'memory' and type(mem['val']).__name__ == 'CacheDataset'
     need = mem['cache']['need_bytes']
-    assert need == 4 * 8 * 32**3  # 4 cases of 32³ at the phantoms' own 0.8 mm, 8 bytes a voxel (image and label)
+    assert need == 4 * 3 * 32**3  # 4 cases of 32³ at the phantoms' own 0.8 mm, 3 bytes a voxel (float16 image, uint8 label)
     disk = datasets(cases, roi_size=(16, 16, 16), cache_budget_gb=need / 2**30 / 2, cache_dir=tmp_path/'cache')
     assert disk['cache']['mode'] == 'disk' and type(disk['test']).__name__ == 'PersistentDataset'
     first = [disk[k][0] for k in ('val', 'test')]  # computes and writes the cases

@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from coronary_mlops import registry
 from coronary_mlops.config import load_settings
-from coronary_mlops.panels import ArtifactBrowser, RegisterModelPanel, RunArtifacts, RunComparison
+from coronary_mlops.panels import ArtifactBrowser, RegisterModelPanel, RunArtifacts, RunComparison, SliceViewer
 from coronary_mlops.tracker import MLflowTracker
 
 NET = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
@@ -137,7 +137,7 @@ def test_comparison_lines_up_the_same_epoch(tracker, tmp_path):
     assert [len(row.children[1].children) for row in c.images.children] == [3]
     c.epoch.value = 0
     assert {r[0]: r[1:] for r in c.metric_rows}['val_dice'][:3] == (0.5, 0.55, 0.4)
-    with pytest.raises(ValueError, match='2 to 4 different runs'): RunComparison(ids[:1] * 2, tracker=tracker)
+    with pytest.raises(ValueError, match='2 to 8 different runs'): RunComparison(ids[:1] * 2, tracker=tracker)
     with pytest.raises(ValueError, match='Not every run has epoch 3'): RunComparison(ids, epoch=3, tracker=tracker)
 
 
@@ -218,3 +218,34 @@ def test_register_panel_from_a_fresh_process(tracker, tmp_path):
     assert not (cwd/'mlflow.db').exists()  # nothing written beside the notebook
     name = registry.model_name(s.experiment_name, settings=s)
     assert registry.get_version(name, 'champion', tracker=tracker).run_id == run
+
+
+def test_browser_opens_a_volume_in_the_slice_viewer_and_reads_it_once(tracker, tmp_path):
+    run = make_run(tracker, tmp_path/'a', 'a', [0.5, 0.7])
+    b = ArtifactBrowser(run_id=run, tracker=tracker)
+    b.category.value = 'predictions'
+    nii = next(p for _, p in b.tree.options if p.endswith('.nii.gz'))
+    b.tree.value = nii
+    v = b.viewer.children[0]
+    assert isinstance(v, SliceViewer) and v.pred is not None and v.label is None  # 'pred.nii.gz' is a prediction
+    assert v.image.shape == nib.load(b.run.local(nii)).shape and 'in the slice viewer' in b.preview.outputs[0]['data']['text/plain']
+    before = v.img.value
+    v.axis.value = 'sagittal'; v.index.value = 6
+    assert v.img.value != before and 'sagittal slice 7/' in v.caption.value
+    b.category.value = 'all'; b.tree.value = nii  # selected again in the same epoch: not read again
+    assert list(b._volumes) == [nii]
+    b.epoch.value = 0
+    assert b._volumes == {} or nii not in b._volumes  # another epoch: the old volumes are let go
+
+
+def test_comparison_overlays_curves_of_up_to_eight_runs_and_diffs_params(tracker, tmp_path):
+    ids = [make_run(tracker, tmp_path/f'r{i}', f'r{i}', [0.3 + 0.1 * i, 0.4 + 0.1 * i], lr=10.0 ** -(i % 3), model=False)
+           for i in range(8)]
+    c = RunComparison(ids, tracker=tracker)
+    assert c.tabs.titles == ('same epoch', 'curves and params') and c.curves.value.count('<g id="run-7">') == 2
+    assert [len(h['val_dice']) for h in c.histories] == [2] * 8
+    from coronary_mlops.panels import curves_across_runs
+    f = curves_across_runs(c.histories, c.names, 'wall time')
+    assert [len(a.lines) for a in f.axes] == [8, 8] and f.axes[0].get_xlabel() == 'minutes'
+    with pytest.raises(ValueError, match='2 to 8 different runs'): RunComparison(ids + [ids[0], 'x' * 32], tracker=tracker)
+

@@ -1,5 +1,7 @@
 "The training loop: resume, bad input through train(), the out-of-memory message, and devices"
 import json
+from pathlib import Path
+import nibabel as nib
 import numpy as np, pytest, torch
 from coronary_mlops.config import load_settings
 from coronary_mlops.tracker import MLflowTracker
@@ -65,6 +67,14 @@ def test_params_and_artifacts_of_a_run(tracker, tmp_path):
     import mlflow
     m = mlflow.pytorch.load_model(res.model_uri)
     assert m(torch.rand(1, 1, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+    from coronary_mlops.predict import load_segmenter  # the torch-flavour model carries its preprocessing too
+    seg = load_segmenter(res.model_uri, tracker.settings, device='cpu')
+    assert seg.prep.roi_size == (32, 32, 32) and seg.prep.pixdim == (0.8, 0.8, 0.8)
+    val = split['val'][0]['image']
+    assert seg(val)['mask'].shape == nib.load(val).shape
+    summary = registry.download_artifacts(res.run_id, ['summaries/epoch_001/summary.md'], tmp_path/'dl',
+                                          tracker=tracker)[0].read_text()
+    assert '## Cases' in summary and f"| {Path(val).name} |" in summary  # the validation case's row
 
 
 def test_torchrun_two_processes_log_like_one(clean_env):

@@ -249,3 +249,37 @@ def test_comparison_overlays_curves_of_up_to_eight_runs_and_diffs_params(tracker
     assert [len(a.lines) for a in f.axes] == [8, 8] and f.axes[0].get_xlabel() == 'minutes'
     with pytest.raises(ValueError, match='2 to 8 different runs'): RunComparison(ids + [ids[0], 'x' * 32], tracker=tracker)
 
+
+
+def test_a_monitor_in_another_process_follows_and_stops_a_cli_training(clean_env):
+    "Issue 15: TrainingMonitor(run_id) follows a CLI training by polling the store, and its Stop ends it by a tag"
+    import shutil, subprocess, time
+    from coronary_mlops.panels import TrainingMonitor
+    from conftest import BIN
+    store = clean_env/'store'
+    tr = MLflowTracker(settings=load_settings(False, store_dir=str(store), experiment_name='far'))  # creates the store
+    exe = shutil.which('coronary-mlops', path=str(BIN))
+    proc = subprocess.Popen([exe, '--store-dir', str(store), '--experiment', 'far', 'train', '--synthetic', '3',
+                             '--epochs', '40', '--patience', '40', '--roi', '32', '--channels', '8,16,32', '--strides', '2,2',
+                             '--samples-per-case', '2'], cwd=clean_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0, runs = time.time(), []
+        while not runs:
+            assert proc.poll() is None and time.time() - t0 < 240, proc.stdout.read() if proc.poll() is not None else 'no run'
+            try: runs = tr.search_runs('far', max_results=1)
+            except ValueError: pass  # the training has not created the experiment yet
+            time.sleep(0.5)
+        mon = TrainingMonitor(runs[0].run_id, tracker=tr, poll_s=0.5, show=False)
+        while len(mon.history) < 2:
+            assert proc.poll() is None and time.time() - t0 < 400, 'the monitor saw fewer than 2 epochs'
+            time.sleep(0.5)
+        mon.request_stop()
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-2000:]
+        run = tr.client.get_run(runs[0].run_id)
+        assert run.info.status == 'FINISHED' and run.data.tags['coronary_mlops.stopped'].endswith('stopped by hand')
+        assert 2 <= len(tr.client.get_metric_history(run.info.run_id, 'train_loss')) < 40
+        mon._thread.join(timeout=30)
+        assert mon.done and mon.stop.description == 'finished' and mon.overlay.value[:4] == b'\x89PNG'
+    finally:
+        if proc.poll() is None: proc.kill()

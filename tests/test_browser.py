@@ -143,14 +143,16 @@ def test_tutorial_panels_render_and_register_in_jupyterlab(browser, lab):
         assert panel.locator('.coronary-preview img').first.is_visible()  # the epoch's first image, previewed
         epoch.select_option(label='3')
         panel.locator('.widget-html', has_text='epoch 3').wait_for(timeout=30_000)  # the kernel answered the change
-        assert 'epoch_003' in panel.locator('.coronary-files select').input_value()
+        files = panel.locator('.coronary-files select')
+        # the file list is a widget of its own: its update may arrive after the metrics'
+        page.wait_for_function("el => el.value.includes('epoch_003')", arg=files.element_handle(), timeout=30_000)
         panel.screenshot(path=str(ARTIFACTS/'artifact_browser.png'))
 
         # the best epoch (★) saved the validation case as NIfTI: selecting its prediction opens the slice viewer
         best = next(t for t in epoch.locator('option').all_inner_texts() if t.endswith('★'))
         epoch.select_option(label=best)
-        panel.locator('.widget-html', has_text=f"epoch {best.split()[0]}").wait_for(timeout=30_000)
-        files = panel.locator('.coronary-files select')
+        page.wait_for_function("([el, ep]) => el.value.includes(ep)", timeout=30_000,
+                               arg=[files.element_handle(), f"epoch_{int(best.split()[0]):03d}"])
         files.select_option(label=next(t for t in files.locator('option').all_inner_texts() if 'val_pred' in t))
         viewer = panel.locator('.coronary-slice-viewer')
         viewer.locator('img').wait_for(timeout=30_000)

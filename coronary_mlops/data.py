@@ -441,7 +441,8 @@ def datasets(cases:Sequence[dict],          # `[{image, label}]`, e.g. from `dis
         data = [{'image': c['image'], 'label': c['label'], 'case': Path(c['image']).name} for c in split[part]]
         t = transforms(roi_size, pixdim, window, train=(part == 'train'), num_samples=num_samples)
         if plan['mode'] == 'memory':
-            return CacheDataset(data, t, cache_rate=1.0, num_workers=num_workers, progress=progress)
+            # no deep copy of a cached case per access: the random part (crop, then `ToFloat`) never writes into it
+            return CacheDataset(data, t, cache_rate=1.0, num_workers=num_workers, progress=progress, copy_cache=False)
         if plan['mode'] == 'disk': return PersistentDataset(data, t, cache_dir=plan['dir'], hash_func=_stamped_hash)
         return Dataset(data, t)
     out = {k: make(k) for k in split}

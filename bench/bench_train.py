@@ -29,8 +29,8 @@ OUT = Path(__file__).parent/'results'/'train.json'
 EPOCHS, ROUNDS = 8, 5
 
 
-def bare_loop(cfg, cases, cache=True):
-    "The same training and validation as train(), with nothing logged; returns per-epoch seconds and the history"
+def setup(cfg, cases, cache=True):
+    "What every bare arm shares with train(): seeded data, loaders, model, loss, AdamW and the cosine schedule"
     set_determinism(cfg.seed); cfg = cfg.planned()  # the phantoms' spacing and window, as train() plans them
     ds = datasets(cases, cfg.roi_size, cfg.pixdim, cfg.seed, cache, cfg.fractions, cfg.samples_per_case, 0)
     dev = pick_device(); amp = amp_dtype(dev, cfg.amp)
@@ -39,6 +39,12 @@ def bare_loop(cfg, cases, cache=True):
     model = build_model(cfg).to(dev); loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    return cfg, dev, amp, tl, vl, model, loss_fn, opt, sched
+
+
+def bare_loop(cfg, cases, cache=True):
+    "The same training and validation as train(), with nothing logged; returns per-epoch seconds and the history"
+    cfg, dev, amp, tl, vl, model, loss_fn, opt, sched = setup(cfg, cases, cache)
     times, hist = [], []
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter(); model.train(); losses = []
@@ -63,14 +69,7 @@ def monai_loop(cfg, cases, root=None):
                                 ValidationHandler, from_engine)
     from monai.inferers import SimpleInferer, SlidingWindowInferer
     from monai.transforms import AsDiscreted, Compose
-    set_determinism(cfg.seed); cfg = cfg.planned()
-    ds = datasets(cases, cfg.roi_size, cfg.pixdim, cfg.seed, True, cfg.fractions, cfg.samples_per_case, 0)
-    dev = pick_device(); amp = amp_dtype(dev, cfg.amp)
-    tl = DataLoader(ds['train'], batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(cfg.seed))
-    vl = DataLoader(ds['val'], batch_size=1)
-    model = build_model(cfg).to(dev); loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    cfg, dev, amp, tl, vl, model, loss_fn, opt, sched = setup(cfg, cases)
     post = Compose([AsDiscreted(keys='pred', argmax=True, to_onehot=2), AsDiscreted(keys='label', to_onehot=2)])
     pl = from_engine(['pred', 'label'])
     val_handlers, train_handlers = [], [LrScheduleHandler(sched, print_lr=False)]

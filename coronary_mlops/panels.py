@@ -245,13 +245,14 @@ class SliceViewer(W.VBox):
         self.image = vols.get('image', vols.get('pred', vols.get('label')))
         self.label, self.pred, self.spacing = vols.get('label'), vols.get('pred'), tuple(spacing or (1.0, 1.0, 1.0))
         self.ct = 'image' in vols and float(self.image.min()) < -300  # HU: a CT window; else the value range
-        lo, hi = (float(self.image.min()), float(self.image.max())) if not self.ct else (-1024, 3000)
-        self.window = W.IntRangeSlider(value=window if self.ct else (math.floor(lo), math.ceil(hi)),
-                                       min=math.floor(lo), max=max(math.ceil(hi), math.floor(lo) + 1),
-                                       description='window (HU)' if self.ct else 'window', continuous_update=False)
-        if not self.ct and hi - lo <= 1:  # masks and [0, 1] images: a float window
+        lo, hi = float(self.image.min()), float(self.image.max())
+        if self.ct: self.window = W.IntRangeSlider(value=window, min=-1024, max=3000, description='window (HU)',
+                                                   continuous_update=False)
+        elif hi - lo <= 1:  # masks and [0, 1] images: a float window
             self.window = W.FloatRangeSlider(value=(lo, max(hi, lo + 1e-3)), min=lo, max=max(hi, lo + 1e-3),
                                              step=(hi - lo) / 100 or 0.01, description='window')
+        else: self.window = W.IntRangeSlider(value=(math.floor(lo), math.ceil(hi)), min=math.floor(lo),
+                                             max=math.ceil(hi), description='window', continuous_update=False)
         self.axis = W.ToggleButtons(options=list(AXES), value='axial', description='axis')
         self.index = W.IntSlider(description='slice', continuous_update=True)
         self.show_label = W.Checkbox(value=self.label is not None, description='label (green)',

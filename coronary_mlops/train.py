@@ -30,8 +30,9 @@ from .layout import (TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_ST
                                    TAG_TASK)
 from .storage import snapshot_state
 from .tracker import MLflowTracker
-from .data import (CT_WINDOW, available_memory, check_pairs, dataset_digest, datasets, discover, find_cause, fingerprint,
-                                 generate_phantoms, plan_preprocessing, PhantomConfig)
+from .data import (CT_WINDOW, available_memory, check_pairs, dataset_digest, datasets, discover,
+                                 find_cause, fingerprint, generate_phantoms, plan_preprocessing,
+                                 PhantomConfig)
 from .evaluate import cldice, evaluate_cases, summarize, write_cases_csv
 from .predict import Preprocessing, Segmenter, log_segmenter, unet
 from . import registry

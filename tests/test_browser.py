@@ -117,6 +117,17 @@ def wait_for_output(page, url: str, text: str, ceiling: float = 1500):
         time.sleep(2)
 
 
+def open_and_run_all(browser, url: str, name: str):
+    "A new page with notebook `name` open in JupyterLab, its kernel idle, and Run All Cells started"
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = browser.new_page(viewport={'width': 1400, 'height': 1000})
+    page.goto(f"{url}/lab/tree/{name}", timeout=90_000)
+    page.wait_for_selector('.jp-Notebook .jp-Cell', timeout=90_000)
+    wait_kernel_idle(url)
+    run_all(page)
+    return page
+
+
 def versions(store: Path, name='coronary-quickstart') -> int:
     uri = f"sqlite:///{store/'mlflow.db'}"
     return len(MlflowClient(uri, registry_uri=uri).search_model_versions(f"name='{name}'"))
@@ -124,13 +135,8 @@ def versions(store: Path, name='coronary-quickstart') -> int:
 
 def test_tutorial_panels_render_and_register_in_jupyterlab(browser, lab):
     url, store = lab
-    ARTIFACTS.mkdir(exist_ok=True)
-    page = browser.new_page(viewport={'width': 1400, 'height': 1000})
+    page = open_and_run_all(browser, url, '01_quickstart.ipynb')
     try:
-        page.goto(f"{url}/lab/tree/01_quickstart.ipynb", timeout=90_000)
-        page.wait_for_selector('.jp-Notebook .jp-Cell', timeout=90_000)
-        wait_kernel_idle(url)
-        run_all(page)
         # the last cell prints the held-out Dice once everything above it ran: training, panels, registration;
         # waited for on the kernel's state and the cells' progress, not on a fixed time (a busy machine is slower)
         wait_for_output(page, url, 'Dice on the held-out phantom:')
@@ -203,13 +209,8 @@ def test_live_monitor_grows_and_stop_ends_the_run(browser, lab):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in LIVE])
     nb.metadata = nbformat.read(ROOT/'nbs'/'tutorials'/'01_quickstart.ipynb', as_version=4).metadata  # its kernel
     requests.put(f"{url}/api/contents/live.ipynb", json={'type': 'notebook', 'content': nb}, timeout=10).raise_for_status()
-    ARTIFACTS.mkdir(exist_ok=True)
-    page = browser.new_page(viewport={'width': 1400, 'height': 1000})
+    page = open_and_run_all(browser, url, 'live.ipynb')
     try:
-        page.goto(f"{url}/lab/tree/live.ipynb", timeout=90_000)
-        page.wait_for_selector('.jp-Notebook .jp-Cell', timeout=90_000)
-        wait_kernel_idle(url)
-        run_all(page)
         mon = page.locator('.coronary-monitor')
         mon.wait_for(timeout=600_000)
         points = lambda: int(mon.locator('polyline.curve-train_loss').get_attribute('data-points') or 0)

@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-nbs test-py docs lab ui sync-check browser
+.PHONY: install demo test test-nbs test-py docs outputs lab ui sync-check browser
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,8 +40,14 @@ test-py: install browser
 test: sync-check test-nbs test-py
 	$(BIN)/python tools/build_docs.py --check
 
+# The site: nbdev-docs (Quarto) where quarto is on PATH, else MkDocs; both show the notebooks' committed outputs
 docs: install
 	$(BIN)/python tools/build_docs.py
+
+# Re-execute every notebook and keep its outputs (nbdev's convention: the docs show what is committed), then clean
+outputs: install
+	$(BIN)/nbdev-test --n-workers 2 --save
+	$(BIN)/nbdev-clean
 
 lab: install
 	$(BIN)/jupyter lab --notebook-dir=nbs

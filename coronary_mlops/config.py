@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/config.html.md"""
 
 # %% ../nbs/api/00_config.ipynb #feae68c9
 from __future__ import annotations
-import configparser, contextlib, difflib, os, re, warnings
+import configparser, contextlib, difflib, logging, os, re, shutil, warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
@@ -18,13 +18,18 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+# MLflow announces at INFO each new SQL store's schema set-up ("Creating initial MLflow database tables..."), which
+# the kit does for every fresh embedded store; only its warnings and errors are shown. Raise it back with
+# logging.getLogger('mlflow.store.db.utils').setLevel(logging.INFO)
+logging.getLogger('mlflow.store.db.utils').setLevel(logging.WARNING)
+
 # %% auto #0
 __all__ = ['SECTIONS', 'DEFAULTS', 'SECTION_OF', 'ENV_ALIASES', 'ENV_PREFIX', 'LOCATOR_VARS', 'SECRET_MARKERS', 'REDACTED',
            'CHOICES', 'MINIMUM', 'TRACKING_SCHEMES', 'EXPERIMENT_KIND_TAG', 'MODEL_TRAINING', 'SettingsError',
            'is_secret_name', 'redact_uri', 'redact_text', 'redact', 'check_store_uri', 'parse_value',
            'find_settings_file', 'find_env_file', 'read_settings_ini', 'SettingsWarning', 'read_env',
-           'default_store_dir', 'sqlite_uri', 'Settings', 'load_settings', 'get_or_create_experiment', 'env_override',
-           'probe_server', 'check_reachable', 'is_permanent']
+           'default_store_dir', 'sqlite_uri', 'lesson_dir', 'Settings', 'load_settings', 'get_or_create_experiment',
+           'env_override', 'probe_server', 'check_reachable', 'is_permanent']
 
 # %% ../nbs/api/00_config.ipynb #66e41009
 SECTIONS = {
@@ -244,6 +249,22 @@ def default_store_dir(environ:Mapping|None=None) -> Path:
 def sqlite_uri(db_path) -> str:
     "An absolute `sqlite:///` URI for `db_path`"
     return 'sqlite:///' + Path(db_path).expanduser().resolve().as_posix()
+
+# %% ../nbs/api/00_config.ipynb #87e6ea25
+def lesson_dir(name:str,                  # the lesson's folder name, e.g. its notebook's
+               root:str|Path|None=None,   # default: `$XDG_CACHE_HOME/coronary_mlops/lessons` (`~/.cache/...`)
+               environ:Mapping|None=None  # where `XDG_CACHE_HOME` and `HOME` are read (default `os.environ`)
+              ) -> Path:
+    "A fresh, empty folder with a fixed name for a lesson's throw-away stores and data, emptied if it exists"
+    if not re.fullmatch(r'[\w.-]+', name) or name.strip('.') == '':
+        raise ValueError(f"lesson_dir: {name!r} is not a plain folder name (letters, digits, '_', '-', '.')")
+    environ = os.environ if environ is None else environ
+    if root is None:
+        base = environ.get('XDG_CACHE_HOME') or str(Path(environ.get('HOME') or Path.home())/'.cache')
+        root = Path(base)/'coronary_mlops'/'lessons'
+    d = Path(root).expanduser().resolve()/name
+    shutil.rmtree(d, ignore_errors=True); d.mkdir(parents=True)
+    return d
 
 # %% ../nbs/api/00_config.ipynb #63e398ab
 @dataclass(frozen=True)

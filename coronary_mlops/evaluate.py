@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/evaluate.html.md"""
 
 # %% ../nbs/api/04b_evaluate.ipynb #b7705ea2
 from __future__ import annotations
-import csv, math
+import csv, math, warnings
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -14,6 +14,11 @@ import nibabel as nib
 import torch
 from skimage.morphology import skeletonize
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+
+# MONAI 1.5-1.6's own get_edge_surface_distance (behind HausdorffDistanceMetric and compute_hausdorff_distance) passes
+# get_mask_edges' deprecated `always_return_as_numpy`, so every HD95 warns though no call of ours passes it: this one
+# message is silenced (train imports this module, so its HausdorffDistanceMetric is covered too)
+warnings.filterwarnings('ignore', r'monai\.metrics\.utils get_mask_edges:always_return_as_numpy', FutureWarning)
 from tqdm.auto import tqdm
 from .predict import Segmenter
 

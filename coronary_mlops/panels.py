@@ -19,6 +19,7 @@ from .storage import read_json
 from .tracker import MLflowTracker, RunInfo
 from . import registry
 from .train import live_bars
+from .reader import quiet_downloads
 
 # %% auto #0
 __all__ = ['IMAGE_TYPES', 'VOLUME_SUFFIXES', 'TEXT_SUFFIXES', 'AXES', 'VOLUME_ROLES', 'RunArtifacts', 'volume_png', 'preview',
@@ -575,7 +576,8 @@ def _delta(a, b):
 # %% ../nbs/api/06_panels.ipynb #3588203c
 class RunComparison(_Panel):
     "2–8 runs: one epoch side by side (metrics, images, metadata that differs), and their curves and params over time"
-    IGNORE = ('epoch', 'timestamp', 'timestamp_ms', 'software.', 'git_commit', 'hostname', 'host', 'platform')
+    IGNORE = ('epoch', 'timestamp', 'timestamp_ms', 'software.', 'git_commit', 'hostname', 'host', 'platform',
+              'cases')  # per-case rows always differ; each epoch's summary shows them as a table
     CURVES = ('val_dice', 'val_cldice', 'train_loss', 'lr')  # the histories overlaid, where the runs have them
 
     def __init__(self, run_ids:Sequence[str], # 2 to 8 run ids
@@ -846,7 +848,8 @@ _COLOURS = dict(train_loss='#d62728', val_dice='#1f77b4', val_cldice='#2ca02c')
 
 def svg_curves(history:Sequence[dict], # per epoch: `epoch` and metrics
                keys=('train_loss', 'val_dice', 'val_cldice'), # the curves, where present
-               width:int=460, height:int=180,
+               width:int=460,  # in pixels
+               height:int=180, # in pixels
               ) -> str:
     "An inline SVG of the curves: cheap enough to redraw every epoch without matplotlib"
     pts = {k: [(h['epoch'], h[k]) for h in history if isinstance(h.get(k), (int, float)) and math.isfinite(h[k])]
@@ -988,7 +991,7 @@ def poll(self:TrainingMonitor) -> bool:
     overlay = None
     if history and len(history) != len(self.history):
         try:
-            with tempfile.TemporaryDirectory() as d:
+            with tempfile.TemporaryDirectory() as d, quiet_downloads():  # a poll draws no progress bar
                 path = c.download_artifacts(self.run_id, f"predictions/epoch_{history[-1]['epoch']:03d}/overlay.png", d)
                 overlay = Path(path).read_bytes()
         except Exception: pass  # not uploaded yet: the next poll finds it

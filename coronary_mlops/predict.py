@@ -105,7 +105,11 @@ def inference_transforms(prep:Preprocessing) -> Compose:
 
 class Segmenter:
     "A network and its `Preprocessing`: a CT in, the vessel mask and probability on the CT's own grid out"
-    def __init__(self, network:torch.nn.Module, prep:Preprocessing, device=None, amp:torch.dtype|None=None):
+    def __init__(self, network:torch.nn.Module, # the trained network; put in eval mode
+                 prep:Preprocessing,        # how it was trained: spacing, window, patch size, overlap
+                 device=None,               # where to predict (default: CUDA when present, else the CPU)
+                 amp:torch.dtype|None=None, # autocast dtype for inference; None for float32
+                ):
         self.device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         try: network = network.eval()
         except NotImplementedError: pass  # a torch.export GraphModule (MLflow's pytorch flavour) is fixed in eval mode
@@ -224,7 +228,8 @@ def log_segmenter(network:torch.nn.Module, # the trained network
                   prep:Preprocessing,      # what it was trained with
                   run_id:str,              # the run it belongs to
                   *, step:int=0,           # the epoch it came from
-                  tracker=None, settings:Settings|None=None, # the store (default `load_settings()`)
+                  tracker=None,                # the store, as an `MLflowTracker`...
+                  settings:Settings|None=None, # ...or as settings (default `load_settings()`)
                  ):                        # MLflow's `ModelInfo`
     "Log `network` as a `SegmenterModel` pyfunc named `segmenter` into run `run_id`"
     with tempfile.TemporaryDirectory(prefix='coronary-pyfunc-') as d:

@@ -124,7 +124,9 @@ def log_pyfunc(python_model:mlflow.pyfunc.PythonModel|str, # what `predict` runs
                code_paths:Sequence[str]|None=None, # source folders shipped with the model
                step:int=0,               # the step (epoch) the model is linked to
                pip_requirements:Sequence[str]|None=None, # default: this torch version, monai and nibabel
-               tracker:MLflowTracker|None=None, settings:Settings|None=None, client:MlflowClient|None=None,
+               tracker:MLflowTracker|None=None, # the store, as a tracker...
+               settings:Settings|None=None,     # ...or settings...
+               client:MlflowClient|None=None,   # ...or a client; default: `load_settings()`
               ) -> ModelInfo:
     "Log `python_model` into run `run_id` as a pyfunc LoggedModel (MLflow's `mlflow.pyfunc.log_model`)"
     settings, client = _ctx(tracker, settings, client)

@@ -136,7 +136,8 @@ def curves_figure(history:Sequence[dict]) -> Figure:
     for k in ('val_dice', 'val_cldice'):
         pts = [(h['epoch'], h[k]) for h in history if k in h]
         if pts: b.plot(*zip(*pts), 'o-', ms=3, label=k)
-    b.set(title='validation', xlabel='epoch', ylim=(0, 1)); b.legend(loc='lower right')
+    b.set(title='validation', xlabel='epoch', ylim=(0, 1))
+    if b.lines: b.legend(loc='lower right')  # before the first validation there is nothing to label
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.88, wspace=0.25)  # tight_layout costs a second draw
     return fig
 
@@ -278,10 +279,6 @@ def _sum_across(total:float, n:int, device) -> tuple[float, float]:
     return tuple(t.tolist())
 
 # %% ../nbs/api/05_train.ipynb #be14f57c
-# MONAI 1.5-1.6's own get_edge_surface_distance (behind HausdorffDistanceMetric) passes get_mask_edges' deprecated
-# `always_return_as_numpy`, so every HD95 warned though no call of ours passes it: this one message is silenced
-warnings.filterwarnings('ignore', r'monai\.metrics\.utils get_mask_edges:always_return_as_numpy', FutureWarning)
-
 def evaluate(model,                 # the network; it is put in eval mode
              loader,                # batches of whole volumes: `image` and `label`
              cfg:TrainConfig,       # window size, windows per pass, overlap and voxel spacing
@@ -581,7 +578,13 @@ def _log_epoch(tracker, run_id, epoch, state, m, history, first, is_best, cfg, s
 
 class EpochFiler:
     "Draws and files each epoch on one background thread while the next one trains; a context manager"
-    def __init__(self, tracker, run_id:str|None, cfg:TrainConfig, work, epochs:range, monitor=None):
+    def __init__(self, tracker,               # where epochs are filed (`MLflowTracker.log_epoch`)
+                 run_id:str|None,       # the run; None in a tracker-less dry run
+                 cfg:TrainConfig,       # the run's configuration (saved in each epoch's metadata)
+                 work,                  # a local folder for the figures and volumes before they are filed
+                 epochs:range,          # the epochs this call trains
+                 monitor=None,          # a `Monitor` told of each filed epoch, or None
+                ):
         self.tracker, self.run_id, self.cfg, self.work, self.first_epoch = tracker, run_id, cfg, Path(work), epochs[0]
         self.monitor, self.stop_asked = monitor, False  # stop_asked: the run's tags asked for a stop
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='coronary-epoch-logger')
@@ -684,10 +687,11 @@ def _run_epochs(r:_RunContext, parts:TrainParts, loaders:Loaders, stopper:EarlyS
     with EpochFiler(r.tracker, r.run_id, r.cfg, r.work, epochs, r.monitor) as filer:
         for epoch in bar:
             if loaders.sampler is not None: loaders.sampler.set_epoch(epoch)
+            lr = parts.opt.param_groups[0]['lr']  # the rate this epoch trains at (train_epoch steps the schedule after)
             loss, step = train_epoch(parts, loaders.train, r.cfg, r.proc, r.amp, tracker=r.tracker, step=step,
                                      desc=f'epoch {epoch}', progress=live)
             val, first = validate(parts.model, loaders.val, r.cfg, r.proc.device, r.amp, epoch)
-            history.append(m := dict(epoch=epoch, train_loss=loss, lr=parts.opt.param_groups[0]['lr'], **val))
+            history.append(m := dict(epoch=epoch, train_loss=loss, lr=lr, **val))
             is_best = stopper.update(m)
             if r.proc.rank == 0:
                 filer.file(epoch, parts, m, history, first, is_best, step, final=epoch == epochs[-1] or stopper.stop)

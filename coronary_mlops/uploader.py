@@ -415,7 +415,8 @@ def spooled(self:EpochUploader, run_id:str|None=None) -> list[Path]:
 def replay_spool(self:EpochUploader, run_id:str|None=None, quiet:bool=False) -> int:
     "Upload spooled epochs into their runs, in epoch order; set aside what the store refuses. Return how many went up"
     n = 0
-    for job in tqdm(self.spooled(run_id), desc='replaying spool', disable=quiet, leave=False):
+    for job in tqdm(self.spooled(run_id), desc='replaying spool', leave=False,
+                    disable=True if quiet else None):  # None: a bar on a terminal only, no residue in logs
         try: self._run_job(job, spool_on_failure=False)
         except Exception as e:
             if isinstance(e, ConnectionError) or not probe_server(self.settings.tracking_uri):

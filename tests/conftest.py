@@ -75,3 +75,10 @@ def auth_server(tmp_path_factory):
         r.raise_for_status()
         srv.users = users
         yield srv
+
+
+@pytest.fixture(scope='session')
+def docs_site():
+    "The docs site, built once per session by tools/build_docs.py (MkDocs here; Quarto where it is on PATH)"
+    subprocess.run([sys.executable, str(ROOT/'tools'/'build_docs.py')], cwd=ROOT, check=True, capture_output=True)
+    return ROOT/'_docs'

@@ -26,7 +26,7 @@ logging.getLogger('mlflow.store.db.utils').setLevel(logging.WARNING)
 # %% auto #0
 __all__ = ['SECTIONS', 'DEFAULTS', 'SECTION_OF', 'ENV_ALIASES', 'ENV_PREFIX', 'LOCATOR_VARS', 'SECRET_MARKERS', 'REDACTED',
            'CHOICES', 'MINIMUM', 'TRACKING_SCHEMES', 'EXPERIMENT_KIND_TAG', 'MODEL_TRAINING', 'SettingsError',
-           'is_secret_name', 'redact_uri', 'redact_text', 'redact', 'check_store_uri', 'parse_value',
+           'is_secret_name', 'redact_uri', 'secret_values', 'redact_text', 'redact', 'check_store_uri', 'parse_value',
            'find_settings_file', 'find_env_file', 'read_settings_ini', 'SettingsWarning', 'read_env',
            'default_store_dir', 'sqlite_uri', 'lesson_dir', 'Settings', 'load_settings', 'get_or_create_experiment',
            'env_override', 'probe_server', 'check_reachable', 'is_permanent']
@@ -88,21 +88,32 @@ _SECRET_WORD = r'[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_
 _PAIR = re.compile(r'(["\']?' + _SECRET_WORD + r'["\']?\s*[:=]\s*["\']?)([^"\'\s,;&}\]]+)', re.I)
 _QUERY = re.compile(r'([?&]' + _SECRET_WORD + r'=)([^&\s]+)', re.I)
 
-def redact_text(text:str, environ:Mapping|None=None) -> str:
+def secret_values(environ:Mapping|None=None) -> tuple:
+    "The values of secret-named environment variables (6 characters or more) to hide in text, longest first"
+    env = os.environ if environ is None else environ
+    return tuple(sorted({v for n, v in env.items() if v and len(v) >= 6 and is_secret_name(n)}, key=len, reverse=True))
+
+def redact_text(text:str,                  # any text: a message, a tag, a path
+                environ:Mapping|None=None, # where secret values are looked up (default `os.environ`)
+                secrets:tuple|None=None,   # `secret_values(environ)`, when the caller already has them
+               ) -> str:
     "`text` with URI passwords, secret `key=value` pairs and the values of secret environment variables replaced"
     if not isinstance(text, str) or not text: return text
     out = _PAIR.sub(rf'\1{REDACTED}', _QUERY.sub(rf'\1{REDACTED}', _URI_PW.sub(rf'\1{REDACTED}\3', text)))
-    for name, v in (os.environ if environ is None else environ).items():
-        if is_secret_name(name) and v and len(v) >= 6 and v in out: out = out.replace(v, REDACTED)
+    for v in secret_values(environ) if secrets is None else secrets:
+        if v in out: out = out.replace(v, REDACTED)
     return out
 
 # %% ../nbs/api/00_config.ipynb #d3aa4577
-def redact(obj):
+def redact(obj, secrets:tuple|None=None):
     "Copy of `obj` (dicts, lists, strings) with secret-named entries and URI credentials replaced by `***`"
+    # the environment's secret values are read once per call, not once per string (an epoch's metadata holds hundreds)
+    if secrets is None: secrets = secret_values()
     if isinstance(obj, Mapping):
-        return {k: (REDACTED if is_secret_name(k) and v not in (None, '') else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)): return type(obj)(redact(v) for v in obj)
-    if isinstance(obj, str): return redact_text(obj)
+        return {k: (REDACTED if is_secret_name(k) and v not in (None, '') else redact(v, secrets))
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)): return type(obj)(redact(v, secrets) for v in obj)
+    if isinstance(obj, str): return redact_text(obj, secrets=secrets)
     return obj
 
 # %% ../nbs/api/00_config.ipynb #82de086f

@@ -37,8 +37,8 @@ browser:
 test-py: install browser
 	$(BIN)/python -m pytest tests --durations=15
 
+# the docs build (--check: README.md current, every link and anchor resolves) runs once, inside pytest (tests/conftest.py)
 test: sync-check test-nbs test-py
-	$(BIN)/python tools/build_docs.py --check
 
 # The site: nbdev-docs (Quarto) where quarto is on PATH, else MkDocs; both show the notebooks' committed outputs
 docs: install

@@ -22,10 +22,11 @@ from monai.transforms import (CastToTyped, Compose, CropForegroundd, EnsureChann
                               MapTransform)
 
 # %% auto #0
-__all__ = ['VOLUME_FILES', 'IMAGE_DIRS', 'LABEL_DIRS', 'CT_WINDOW', 'LPS_LABELS', 'CACHE_DTYPES', 'PhantomConfig', 'make_phantom',
-           'save_nifti', 'generate_phantoms', 'DataError', 'discover', 'read_header', 'check_pairs', 'dataset_digest',
-           'split_cases', 'CheckBinaryLabeld', 'find_cause', 'ToFloat', 'transforms', 'ras_geometry', 'ras_spacing',
-           'fingerprint', 'plan_preprocessing', 'available_memory', 'preprocessed_bytes', 'cache_plan', 'datasets']
+__all__ = ['VOLUME_FILES', 'IMAGE_DIRS', 'LABEL_DIRS', 'CT_WINDOW', 'LPS_LABELS', 'CACHE_DTYPES', 'CACHE_BYTES_PER_VOXEL',
+           'PhantomConfig', 'make_phantom', 'save_nifti', 'generate_phantoms', 'DataError', 'discover', 'read_header',
+           'check_pairs', 'dataset_digest', 'split_cases', 'CheckBinaryLabeld', 'find_cause', 'ToFloat', 'transforms',
+           'ras_geometry', 'ras_spacing', 'fingerprint', 'plan_preprocessing', 'available_memory', 'preprocessed_bytes',
+           'cache_plan', 'datasets']
 
 # %% ../nbs/api/04_data.ipynb #b6192bda
 @dataclass
@@ -310,6 +311,7 @@ CT_WINDOW = (-200.0, 700.0)  # HU mapped to [0, 1]: contrast-filled lumen and so
 LPS_LABELS = (('L', 'R'), ('P', 'A'), ('I', 'S'))  # MONAI's default to date, given: no FutureWarning
 
 CACHE_DTYPES = (torch.float16, torch.uint8)  # image and label as cached: 3 bytes a voxel instead of 8
+CACHE_BYTES_PER_VOXEL = sum(d.itemsize for d in CACHE_DTYPES)
 
 class ToFloat:
     "Image and label back to float32 after the cache: a plain callable, not a MONAI `Transform`, so caching stops here"
@@ -403,7 +405,7 @@ def preprocessed_bytes(cases:Sequence[dict], pixdim=(0.8, 0.8, 0.8)) -> int:
     total = 0
     for c in cases:
         shape, spacing = read_header(c['image'])
-        total += 3 * math.prod(max(1, round(n * s / p)) for n, s, p in zip(shape, spacing, pixdim))
+        total += CACHE_BYTES_PER_VOXEL * math.prod(max(1, round(n * s / p)) for n, s, p in zip(shape, spacing, pixdim))
     return total
 
 def cache_plan(cases:Sequence[dict], pixdim=(0.8, 0.8, 0.8), budget_gb:float=0.0) -> dict:

@@ -833,12 +833,12 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
         r = _RunContext(tracker, run.run_id, cfg, proc, amp, work, progress, monitor if proc.rank == 0 else None)
         stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], state, ds['cache'], ds['plan'])
         if r.monitor is not None: r.monitor.begin(run.run_id, epochs)
-        try: history = _run_epochs(r, parts, loaders, stopper, epochs, step)
-        except BaseException:
-            if r.monitor is not None: r.monitor.end(None)
-            raise
-        result = _end(r, parts.model, ds['split']['test'], stopper, history, onnx)
-        if r.monitor is not None: r.monitor.end(result)
+        result = None
+        try:
+            history = _run_epochs(r, parts, loaders, stopper, epochs, step)
+            result = _end(r, parts.model, ds['split']['test'], stopper, history, onnx)
+        finally:  # the live view hears the end however it came, a failed test evaluation or export included
+            if r.monitor is not None: r.monitor.end(result)
     if register and result.model_uri:
         mv = registry.register_model(result.run_id, tracker=tracker, alias=alias, model_uri=result.segmenter_uri,
                                      tags=version_tags(result, cfg, tracker),

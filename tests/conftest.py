@@ -79,6 +79,9 @@ def auth_server(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def docs_site():
-    "The docs site, built once per session by tools/build_docs.py (MkDocs here; Quarto where it is on PATH)"
-    subprocess.run([sys.executable, str(ROOT/'tools'/'build_docs.py')], cwd=ROOT, check=True, capture_output=True)
+    """The docs site, built once per session by tools/build_docs.py --check (MkDocs here; Quarto where it is on PATH):
+    the build fails if README.md was stale (it is rewritten before any test reads it) or a link is broken"""
+    p = subprocess.run([sys.executable, str(ROOT/'tools'/'build_docs.py'), '--check'], cwd=ROOT, capture_output=True,
+                       text=True)
+    if p.returncode: pytest.fail(f"tools/build_docs.py --check failed:\n{p.stderr[-3000:]}", pytrace=False)
     return ROOT/'_docs'

@@ -8,6 +8,7 @@ import mlflow, nibabel as nib, numpy as np, pytest, torch
 from matplotlib.figure import Figure
 
 from coronary_mlops import registry
+import coronary_mlops.panels as panels
 from coronary_mlops.config import load_settings
 from coronary_mlops.panels import ArtifactBrowser, RegisterModelPanel, RunArtifacts, RunComparison, SliceViewer
 from coronary_mlops.tracker import MLflowTracker
@@ -220,7 +221,7 @@ def test_register_panel_from_a_fresh_process(tracker, tmp_path):
     assert registry.get_version(name, 'champion', tracker=tracker).run_id == run
 
 
-def test_browser_opens_a_volume_in_the_slice_viewer_and_reads_it_once(tracker, tmp_path):
+def test_browser_opens_a_volume_in_the_slice_viewer_and_reads_it_once(tracker, tmp_path, monkeypatch):
     run = make_run(tracker, tmp_path/'a', 'a', [0.5, 0.7])
     b = ArtifactBrowser(run_id=run, tracker=tracker)
     b.category.value = 'predictions'
@@ -232,8 +233,11 @@ def test_browser_opens_a_volume_in_the_slice_viewer_and_reads_it_once(tracker, t
     before = v.img.value
     v.axis.value = 'sagittal'; v.index.value = 6
     assert v.img.value != before and 'sagittal slice 7/' in v.caption.value
+    reads = []
+    monkeypatch.setattr(panels, 'read_volume', lambda *a, **k: reads.append(a) or pytest.fail(f'read again: {a}'))
     b.category.value = 'all'; b.tree.value = nii  # selected again in the same epoch: not read again
-    assert list(b._volumes) == [nii]
+    assert list(b._volumes) == [nii] and reads == []
+    monkeypatch.undo()  # another epoch's volume is read, as it should be
     b.epoch.value = 0
     assert b._volumes == {} or nii not in b._volumes  # another epoch: the old volumes are let go
 

@@ -2,7 +2,7 @@
 
 With quarto (users' and CI hosts): `nbdev-docs` (the full Quarto site) and `nbdev-readme`.
 Without quarto (these machines): nbdev processes the notebooks into `_proc/` (directives applied, `show_doc`
-rendered, doc links added); each processed notebook is staged under `_proc/_mkdocs/` at the path Quarto would give
+rendered, doc links added); each processed notebook is staged under `_mkdocs/` at the path Quarto would give
 its page, with its front matter as a title and its links pointing at the local pages; MkDocs builds `_docs/` from
 there with `mkdocs.yml` and a sidebar in the order of the notebooks. The notebooks' committed outputs are what the
 pages show (neither path executes them). README.md is rendered from nbs/index.ipynb either way.
@@ -18,6 +18,7 @@ from nbconvert import MarkdownExporter
 from nbdev.config import get_config, nbpath2html
 
 _HREF = re.compile(r'(href|src)="([^"]*)"')
+_ID = re.compile(r'\sid="([^"]+)"')
 _MDLINK = re.compile(r'(\]\()([^)\s]+)(\))')
 IMAGES = ('.png', '.jpg', '.jpeg', '.gif', '.svg')
 
@@ -71,8 +72,7 @@ def _fix_links(text: str, page: Path, src_dir: Path, site: str) -> str:
 def stage(cfg, proc: Path, out: Path) -> list:
     "Processed notebooks from `proc` into `out` at their pages' paths, titled and linked locally; the sidebar entries"
     site = f"{cfg.doc_host}{cfg.doc_baseurl}".rstrip('/')
-    nbs = sorted((p for p in proc.rglob('*.ipynb') if out not in p.parents),
-                 key=lambda p: (p.name != 'index.ipynb', str(p)))
+    nbs = sorted(proc.rglob('*.ipynb'), key=lambda p: (p.name != 'index.ipynb', str(p)))
     shutil.rmtree(out, ignore_errors=True)
     nav = []
     for nb_path in nbs:
@@ -104,8 +104,8 @@ def stage(cfg, proc: Path, out: Path) -> list:
     return nav
 
 
-def mkdocs_config(root: Path, docs: Path, site_dir: Path, nav: list) -> Path:
-    "mkdocs.yml of the project with the staged folder, the output folder and the sidebar filled in"
+def mkdocs_config(root: Path, docs: Path, site_dir: Path, nav: list, dest: Path) -> Path:
+    "`dest`: mkdocs.yml of the project with the staged folder, the output folder and the sidebar filled in"
     conf = yaml.safe_load((root/'mkdocs.yml').read_text())
     sections, tree = {'': 'Home', 'tutorials': 'Tutorials', 'api': 'API'}, []
     order = list(sections)  # Home, then the tutorials, then the API reference, as nbdev's sidebar
@@ -117,9 +117,8 @@ def mkdocs_config(root: Path, docs: Path, site_dir: Path, nav: list) -> Path:
         group[name].append({title: path})
     hooks = [str(root/h) for h in conf.get('hooks', [])]  # relative to the project, not to the written file
     conf.update(docs_dir=str(docs), site_dir=str(site_dir), nav=tree, hooks=hooks)
-    path = docs.parent/'mkdocs.yml'
-    path.write_text(yaml.safe_dump(conf, sort_keys=False))
-    return path
+    dest.write_text(yaml.safe_dump(conf, sort_keys=False))
+    return dest
 
 
 def build_mkdocs(cfg) -> list:
@@ -129,9 +128,9 @@ def build_mkdocs(cfg) -> list:
     from nbdev.serve import proc_nbs
     refresh_quarto_yml(); _build_modidx()
     proc = proc_nbs(cfg.nbs_path, n_workers=0)
-    staged = proc/'_mkdocs'
+    staged = cfg.config_path/'_mkdocs'  # beside _proc, not in it: nbdev owns _proc and sweeps files it did not make
     nav = stage(cfg, proc, staged)
-    conf = mkdocs_config(cfg.config_path, staged, cfg.config_path/cfg.doc_path, nav)
+    conf = mkdocs_config(cfg.config_path, staged, cfg.config_path/cfg.doc_path, nav, proc/'mkdocs.yml')
     # NO_MKDOCS_2_WARNING: Material 9.7+ prints a banner on every build about its end of life (May 2027; the note in
     # mkdocs.yml says what then)
     subprocess.run([sys.executable, '-m', 'mkdocs', 'build', '--clean', '--quiet', '-f', str(conf)], check=True,
@@ -153,17 +152,19 @@ def broken_links(out: Path) -> list:
     "Internal links of the built site whose target file, or the element its `#anchor` names, does not exist"
     bad, ids = [], {}
     def has_id(f: Path, anchor: str) -> bool:
-        if f not in ids: ids[f] = set(re.findall(r'\sid="([^"]+)"', f.read_text(encoding='utf-8', errors='replace')))
+        if f not in ids: ids[f] = set(_ID.findall(f.read_text(encoding='utf-8', errors='replace')))
         return anchor in ids[f]
     for page in out.rglob('*.html'):
         if page.name == '404.html': continue  # served at any depth, so MkDocs links it absolutely under site_url
-        for _, url in _HREF.findall(page.read_text(encoding='utf-8')):
+        page, text = page.resolve(), page.read_text(encoding='utf-8')
+        ids.setdefault(page, set(_ID.findall(text)))  # each page is read once, for its links and its ids
+        for _, url in _HREF.findall(text):
             if urlsplit(url).scheme or url.startswith(('mailto:', 'data:')): continue
             path, _, anchor = url.partition('#')
             target = (page.parent/path).resolve() if path else page
-            if not target.exists(): bad.append(f"{page.relative_to(out)} -> {url}")
+            if not target.exists(): bad.append(f"{page.relative_to(out.resolve())} -> {url}")
             elif anchor and target.suffix == '.html' and not has_id(target, anchor):
-                bad.append(f"{page.relative_to(out)} -> {url} (no such anchor)")
+                bad.append(f"{page.relative_to(out.resolve())} -> {url} (no such anchor)")
     return bad
 
 

@@ -2,22 +2,21 @@
 tracking on the same phantoms and settings as bench_train.py. A sampler reads each thread's CPU time (utime + stime
 from /proc/self/task/*/stat, Linux) every 0.2 s; the report is CPU seconds per epoch for the training thread, torch's
 intra-op workers, and each of the kit's background threads (epoch logger: curves, overlay, volumes; uploader: hashing,
-compression, store writes; tracker queue: metric batches).
+compression, store writes; hash threads; tracker queue: metric batches).
 
-Run: .venv/bin/python bench/bench_threads.py   (writes bench/results/threads.json)
+With --before REF, the same profile is taken of the kit as committed at REF (a git worktree) and of this checkout,
+each in a fresh process, in interleaved rounds (ABBA order), and the report gives both and their ratio per round.
+
+Run: .venv/bin/python bench/bench_threads.py [--before REF] [--rounds N]   (writes bench/results/threads.json)
 """
-import json, os, re, sys, tempfile, threading, time
+import argparse, json, os, re, statistics, subprocess, sys, tempfile, threading, time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-sys.path.insert(0, str(Path(__file__).parent))
-import bench_train as T
-from coronary_mlops.data import CT_WINDOW, generate_phantoms
-from coronary_mlops.train import TrainConfig
-
-OUT = Path(__file__).parent/'results'/'threads.json'
+HERE = Path(__file__).parent
+OUT = HERE/'results'/'threads.json'
 TICK = os.sysconf('SC_CLK_TCK')
+KIT = ('coronary-epoch-logger', 'coronary-mlops-artifacts', 'coronary-mlops-hash', 'coronary-mlops-tracker')
 
 
 def cpu_by_thread() -> dict:
@@ -32,7 +31,13 @@ def cpu_by_thread() -> dict:
     return out
 
 
-def main(epochs=8):
+def measure(epochs=8) -> dict:
+    "Profile one `train()` in this process; the kit is whichever `coronary_mlops` sys.path finds first"
+    import torch
+    sys.path.insert(1, str(HERE))
+    import bench_train as T
+    from coronary_mlops.data import CT_WINDOW, generate_phantoms
+    from coronary_mlops.train import TrainConfig
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = TrainConfig(epochs=epochs, patience=epochs, roi_size=(48, 48, 48), pixdim=(0.8, 0.8, 0.8), window=CT_WINDOW)
     seen, names, stop = {}, {}, threading.Event()
@@ -59,13 +64,62 @@ def main(epochs=8):
         key = ('training thread' if tid == me else
                re.sub(r'[-_]?\d+(_\d+)?$', '', pyname) if pyname else 'not Python (torch intra-op pool, allocators)')
         groups[key] += v
-    res = dict(epochs=epochs, wall_s=round(wall, 2), process_cpu_s=round(cpu, 2),
-               epoch_s_median=round(sorted(per_epoch[1:])[len(per_epoch[1:]) // 2], 3),
-               cpu_s_per_epoch={k: round(v / epochs, 4) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-               share_of_process_cpu={k: round(v / cpu, 4) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-               note="a thread is named by its Python name (numbers dropped); threads Python did not start are torch's "
-                    "intra-op workers and allocator threads")
-    OUT.write_text(json.dumps(res, indent=2) + '\n'); print(json.dumps(res, indent=1)); print(f"wrote {OUT}")
+    order = sorted(groups.items(), key=lambda kv: -kv[1])
+    background = sum(v for k, v in groups.items() if k in KIT)
+    return dict(kit=str(Path(sys.modules['coronary_mlops'].__file__).parent.parent), epochs=epochs,
+                wall_s=round(wall, 2), process_cpu_s=round(cpu, 2),
+                epoch_s_median=round(sorted(per_epoch[1:])[len(per_epoch[1:]) // 2], 3),
+                kit_background_cpu_s_per_epoch=round(background / epochs, 4),
+                kit_background_share=round(background / cpu, 4),
+                cpu_s_per_epoch={k: round(v / epochs, 4) for k, v in order},
+                share_of_process_cpu={k: round(v / cpu, 4) for k, v in order},
+                note="a thread is named by its Python name (numbers dropped); threads Python did not start are "
+                     "torch's intra-op workers and allocator threads; kit background = " + ', '.join(KIT))
 
 
-if __name__ == '__main__': main()
+def arm(src: Path) -> dict:
+    "One profile in a fresh process, with the kit from checkout `src`"
+    r = subprocess.run([sys.executable, __file__, '--arm', str(src)], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def compare(ref: str, rounds: int) -> dict:
+    root = Path(subprocess.run(['git', 'rev-parse', '--show-toplevel'], cwd=HERE, capture_output=True, text=True,
+                               check=True).stdout.strip())
+    commit = subprocess.run(['git', 'rev-parse', ref], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as t:
+        old = Path(t)/'before'
+        subprocess.run(['git', 'worktree', 'add', '--detach', str(old), commit], cwd=root, check=True, capture_output=True)
+        try:
+            runs = {'before': [], 'after': []}
+            for r in range(rounds):
+                for name in (('before', 'after') if r % 2 == 0 else ('after', 'before')):
+                    runs[name].append(arm(old if name == 'before' else root))
+                    x = runs[name][-1]
+                    print(f"round {r + 1} {name}: kit background {x['kit_background_cpu_s_per_epoch'] * 1e3:.1f} ms CPU "
+                          f"per epoch ({x['kit_background_share']:.2%} of process CPU), epoch {x['epoch_s_median']} s",
+                          flush=True)
+        finally:
+            subprocess.run(['git', 'worktree', 'remove', '--force', str(old)], cwd=root, capture_output=True)
+    per = lambda k: [round(a[k] / b[k], 3) for a, b in zip(runs['after'], runs['before'])]
+    med = lambda name, k: statistics.median(x[k] for x in runs[name])
+    return dict(before=commit, rounds=rounds, order='ABBA: before, after / after, before, alternating',
+                background_ms_per_epoch=dict(before=round(med('before', 'kit_background_cpu_s_per_epoch') * 1e3, 1),
+                                             after=round(med('after', 'kit_background_cpu_s_per_epoch') * 1e3, 1)),
+                background_share=dict(before=med('before', 'kit_background_share'),
+                                      after=med('after', 'kit_background_share')),
+                after_over_before_per_round=per('kit_background_cpu_s_per_epoch'),
+                epoch_s_after_over_before_per_round=per('epoch_s_median'),
+                runs=runs)
+
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--arm'); ap.add_argument('--before'); ap.add_argument('--rounds', type=int, default=3)
+    a = ap.parse_args()
+    if a.arm:
+        sys.path.insert(0, a.arm)
+        print(json.dumps(measure()))
+    else:
+        res = compare(a.before, a.rounds) if a.before else measure()
+        OUT.write_text(json.dumps(res, indent=2) + '\n'); print(json.dumps(res, indent=1)[:3000]); print(f"wrote {OUT}")

@@ -21,7 +21,7 @@ from .layout import (LAYOUT, FILE_NAMES, check_key, check_name, epoch_dir, folde
 from .storage import (CheckpointPolicy, atomic_torch_save, dumps_json, fmt_value, load_checkpoint,
                                     read_json, snapshot_state, to_jsonable, training_context)
 from .reader import ArtifactIntegrityError, RunReader, VerifyReport
-from .uploader import ArtifactUploadError, EpochUploader
+from .uploader import ArtifactUploadError, EpochUploader, Snapshot
 
 # %% auto #0
 __all__ = ['WEIGHT_SUFFIXES', 'MLflowArtifactManager', 'default_manager', 'log_epoch_artifacts', 'log_final_model', 'flush',
@@ -78,11 +78,22 @@ def _policy(self:MLflowArtifactManager, run_id:str) -> CheckpointPolicy:
             self._policies[run_id] = p
         return self._policies[run_id]
 
+# %% ../nbs/api/01_artifacts.ipynb #48b1c53b
+def _check_plan(plan:list, checkpoint:str|None):
+    "Refuse two artifacts of one epoch at one path (the second would replace the first), or one at the checkpoint's"
+    seen = {checkpoint: 'the model_state checkpoint'} if checkpoint else {}
+    for _, src, rel in plan:
+        if rel in seen:
+            raise ValueError(f"Two artifacts of this epoch would be stored at {rel!r} ({seen[rel]} and {src}); "
+                             "rename one, or log them under different artifact types")
+        seen[rel] = src
+
+
 # %% ../nbs/api/01_artifacts.ipynb #278678ac
 @patch
 def log_epoch(self:MLflowArtifactManager,
               epoch:int, # the epoch number; folders are named epoch_NNN
-              model_state=None, # an nn.Module or state dict, saved by the checkpoint policy
+              model_state=None, # an nn.Module, a state dict, or a `snapshot` of one; saved by the checkpoint policy
               metrics:Mapping|None=None, # {name: number}; logged as MLflow metrics at step=epoch and as JSON
               artifacts:Mapping|None=None, # {type: path | [paths] | folder | Figure | dict}
               metadata:Mapping|None=None, # training context; `hyperparameters` and `seed` keys are recognised
@@ -90,17 +101,29 @@ def log_epoch(self:MLflowArtifactManager,
               is_best:bool|None=None, # overrides the policy's judgement from the monitored metric
              ) -> dict: # {artifact type: run-relative path or paths}
     "Stage one epoch and queue it for upload; return at once with its run-relative paths (durable after `flush`)"
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-        raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-    epoch, run_id, ts = int(epoch), self._run_id(run_id), int(time.time() * 1000)
-    metrics = {check_key(str(k), 'metric'): metric_value(k, v) for k, v in (metrics or {}).items()}
-    plan = [x for kind, v in (artifacts or {}).items() for x in plan_artifacts(kind, v, epoch)]
-    meta = dict(metadata or {})
-    meta = {**training_context(meta.pop('hyperparameters', None), meta.pop('seed', self.settings.seed)),
-            **redact(to_jsonable(meta, 'metadata')), 'epoch': epoch}
-    no_state = (False, bool(is_best), [])
-    save, best, prune = self._policy(run_id).decide(epoch, metrics, is_best) if model_state is not None else no_state
-    state = self.uploader.snapshot(model_state) if save else None
+    taken = isinstance(model_state, Snapshot)  # copied earlier by `snapshot`: filed as it is, or released
+    if taken and model_state.used:
+        raise ValueError("This snapshot was filed or released already, and its buffer may hold another epoch by now; "
+                         "take a new one with snapshot()")
+    try:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        epoch, run_id, ts = int(epoch), self._run_id(run_id), int(time.time() * 1000)
+        metrics = {check_key(str(k), 'metric'): metric_value(k, v) for k, v in (metrics or {}).items()}
+        plan = [x for kind, v in (artifacts or {}).items() for x in plan_artifacts(kind, v, epoch)]
+        ckpt = f"{epoch_dir('checkpoint', epoch)}/{FILE_NAMES['checkpoint']}"
+        _check_plan(plan, ckpt if model_state is not None else None)
+        meta = dict(metadata or {})
+        meta = {**training_context(meta.pop('hyperparameters', None), meta.pop('seed', self.settings.seed)),
+                **redact(to_jsonable(meta, 'metadata')), 'epoch': epoch}
+        save, best, prune = (self._policy(run_id).decide(epoch, metrics, is_best) if model_state is not None
+                             else (False, bool(is_best), []))
+    except BaseException:
+        if taken: self.release(model_state)
+        raise
+    if taken and not save: self.release(model_state)
+    elif taken: model_state.used = True  # the worker gives its buffer back once the checkpoint is written
+    state = (model_state if taken else self.uploader.snapshot(model_state)) if save else None
     return self.uploader.stage(run_id, epoch, ts, metrics, meta, plan, state, best, prune)
 
 # %% ../nbs/api/01_artifacts.ipynb #5686f396
@@ -156,6 +179,19 @@ def best_checkpoint(self:MLflowArtifactManager, run_id:str, map_location='cpu') 
     "The run's best checkpoint, checked against its manifest and loaded with `weights_only=True`; None if none"
     self.flush()
     return self.reader.best_checkpoint(run_id, map_location)
+
+# %% ../nbs/api/01_artifacts.ipynb #91a0433c
+@patch
+def snapshot(self:MLflowArtifactManager, model_state) -> Snapshot:
+    "Copy `model_state` (an `nn.Module` or a state dict) now, for a `log_epoch` made later or on another thread"
+    return self.uploader.snapshot(model_state)
+
+
+@patch
+def release(self:MLflowArtifactManager, snap:Snapshot):
+    "Give back the buffer of a `snapshot` that will not be filed (`log_epoch` does, for one the policy does not save)"
+    if not snap.used: snap.used = True; self.uploader._give_back(snap.slab)
+
 
 # %% ../nbs/api/01_artifacts.ipynb #46969045
 @patch

@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/storage.html.md"""
 
 # %% ../nbs/api/01b_storage.ipynb #b3f0f355
 from __future__ import annotations
-import gzip, hashlib, json, math, mmap, os, pickle, re, socket, subprocess, sys, uuid
+import contextlib, gzip, hashlib, json, math, mmap, os, pickle, re, socket, subprocess, sys, uuid
 from dataclasses import asdict, is_dataclass
 from datetime import date, datetime
 from enum import Enum
@@ -61,12 +61,14 @@ def read_json(text:str):
 # %% ../nbs/api/01b_storage.ipynb #b792a24f
 CHUNK = 1 << 20
 
-def sha256_file(path) -> str:
-    "Hex sha256 of a file, read in chunks"
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        while b := f.read(CHUNK): h.update(b)
+def sha256_file(f) -> str:
+    "Hex sha256 of a file (a path, or a binary file open at its start, read to its end), in chunks of one buffer"
+    h, buf = hashlib.sha256(), bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(f, 'rb') if isinstance(f, (str, bytes, os.PathLike)) else contextlib.nullcontext(f) as fh:
+        while n := fh.readinto(buf): h.update(view[:n])
     return h.hexdigest()
+
 
 # %% ../nbs/api/01b_storage.ipynb #695bb0d9
 def is_gzip(path) -> bool:

@@ -15,6 +15,8 @@ import numpy as np
 import nibabel as nib
 import torch
 import matplotlib, matplotlib.image
+import PIL.Image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from fastcore.basics import patch
@@ -29,7 +31,9 @@ from .config import Settings, load_settings
 from .layout import (TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_STOP_REQUEST, TAG_STOPPED,
                                    TAG_TASK)
 from .storage import snapshot_state
+from .artifacts import MLflowArtifactManager
 from .tracker import MLflowTracker
+from .uploader import Snapshot
 from .data import (CT_WINDOW, available_memory, check_pairs, dataset_digest, datasets, discover,
                                  find_cause, fingerprint, generate_phantoms, plan_preprocessing,
                                  PhantomConfig)
@@ -39,8 +43,8 @@ from . import registry
 
 # %% auto #0
 __all__ = ['PHANTOM_ROI', 'CURVES_BUDGET', 'TrainConfig', 'build_model', 'network_config', 'preprocessing', 'curves_figure',
-           'overlay_image', 'save_png', 'pick_device', 'amp_dtype', 'TrainingOOMError', 'oom_hint', 'dist_info',
-           'DistContext', 'setup_process', 'evaluate', 'TrainResult', 'live_bars', 'patch_bytes_per_voxel',
+           'overlay_image', 'save_png', 'LiveCurves', 'pick_device', 'amp_dtype', 'TrainingOOMError', 'oom_hint',
+           'dist_info', 'DistContext', 'setup_process', 'evaluate', 'TrainResult', 'live_bars', 'patch_bytes_per_voxel',
            'patch_memory', 'plan_patch', 'plan_run', 'make_datasets', 'cache_line', 'Loaders', 'make_loaders',
            'TrainParts', 'build_parts', 'train_epoch', 'validate', 'EarlyStopping', 'save_volumes', 'EpochFiler',
            'Monitor', 'run_description', 'version_tags', 'version_description', 'train']
@@ -156,31 +160,71 @@ def overlay_image(image:np.ndarray, # CT volume (x, y, z)
                  ) -> np.ndarray:   # RGB uint8 strip
     "Three axial slices with label (green) and prediction (magenta) outlines, then an MIP of prediction against label"
     image, label, pred = (np.asarray(x).squeeze() for x in (image, label, pred))
-    label, pred = label > 0.5, pred > 0.5
-    zs = np.nonzero(label.any((0, 1)))[0]
+    # a full-size volume is read in a few passes (the slices holding vessels, the two MIPs); the rest is per slice
+    zs = np.nonzero(label.max((0, 1)) > 0.5)[0]
     zs = np.quantile(zs, [0.25, 0.5, 0.75]).astype(int) if len(zs) else np.full(3, label.shape[2] // 2)
-    lo, hi = np.percentile(image, [1, 99.5]); g = np.clip((image - lo) / (hi - lo + 1e-6), 0, 1)
+    sl = image[:, :, zs].astype(np.float32)  # the slices shown set the contrast
+    lo, hi = np.percentile(sl, [1, 99.5]); g = np.clip((sl - lo) / (hi - lo + 1e-6), 0, 1)
     panels = []
-    for z in zs:
-        rgb = np.repeat(g[:, :, z][..., None], 3, -1)
-        rgb[_edge(label[:, :, z])] = (0.2, 1, 0.2); rgb[_edge(pred[:, :, z])] = (1, 0.2, 1)
+    for i, z in enumerate(zs):
+        rgb = np.repeat(g[:, :, i, None], 3, -1)
+        rgb[_edge(label[:, :, z] > 0.5)] = (0.2, 1, 0.2); rgb[_edge(pred[:, :, z] > 0.5)] = (1, 0.2, 1)
         panels.append(rgb)
-    l, p = label.max(2), pred.max(2)  # in the MIP a hit is white, a miss red and a false alarm blue
+    l, p = label.max(2) > 0.5, pred.max(2) > 0.5  # in the MIP a hit is white, a miss red and a false alarm blue
     mip = np.zeros((*l.shape, 3)); mip[l & p] = 1; mip[l & ~p] = (1, 0.2, 0.2); mip[~l & p] = (0.3, 0.5, 1)
     panels.append(mip)
     # rows are y, bottom up, as a radiologist looks at axial slices
     shown = [pnl.transpose(1, 0, 2)[::-1] for pnl in panels]
     sep = np.ones((shown[0].shape[0], 2, 3))
-    strip = np.concatenate([x for pnl in shown for x in (pnl, sep)][:-1], 1)
-    return (np.kron(strip, np.ones((scale, scale, 1))) * 255).astype(np.uint8)
+    strip = (np.concatenate([x for pnl in shown for x in (pnl, sep)][:-1], 1) * 255).astype(np.uint8)
+    return strip.repeat(scale, 0).repeat(scale, 1)
+
 
 # %% ../nbs/api/05_train.ipynb #cc0433e7
 def save_png(obj, path) -> Path:
-    "Write a Figure or an RGB array as PNG (small and fast: no tight bounding box)"
+    "Write a Figure or an RGB array as PNG (small and fast: no tight bounding box, zlib's fastest level for arrays)"
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(obj, Figure): obj.savefig(path, format='png', dpi=72)
-    else: matplotlib.image.imsave(path, obj)
+    elif (a := np.asarray(obj)).dtype == np.uint8 and a.ndim == 3 and a.shape[2] in (3, 4):
+        PIL.Image.fromarray(a).save(path, format='png', compress_level=1)
+    else: matplotlib.image.imsave(path, a)
     return path
+
+
+# %% ../nbs/api/05_train.ipynb #bc3e971b
+class LiveCurves:
+    "The training curves of a run in progress, cheap to redraw: the axes span the planned epochs and are drawn once"
+    def __init__(self, epochs:range): # the epochs this call trains: the x axis
+        self.epochs, self.fig, self.top = epochs, None, 0.0
+        self.cost = 0.005  # seconds a drawing takes, smoothed; until one is timed, what one takes on 2 CPU cores
+
+    def _axes(self, top:float):
+        "Draw the figure without its lines (the picture each drawing starts from), the loss axis up to `top`"
+        self.fig = fig = Figure(figsize=(8, 2.8), dpi=72); self.canvas = FigureCanvasAgg(fig)
+        a, b = fig.subplots(1, 2)
+        span = (self.epochs[0] - 0.5, self.epochs[-1] + 0.5)
+        self.loss = a.plot([], [], 'o-', ms=3, animated=True)[0]  # animated: left out of the kept picture
+        a.set(title='train loss (Dice + CE)', xlabel='epoch', xlim=span, ylim=(0, top))
+        self.val = {k: b.plot([], [], 'o-', ms=3, label=k, animated=True)[0] for k in ('val_dice', 'val_cldice')}
+        b.set(title='validation', xlabel='epoch', xlim=span, ylim=(0, 1)); b.legend(loc='lower right')
+        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.88, wspace=0.25)
+        self.canvas.draw(); self.background, self.top = self.canvas.copy_from_bbox(fig.bbox), top
+
+    def png(self, history:Sequence[dict], path) -> Path:
+        "Draw `history` (every epoch's metrics so far) and write it to `path` as PNG"
+        peak = max((v for h in history if math.isfinite(v := h['train_loss'])), default=1.0)
+        if self.fig is None or peak > self.top: self._axes(1.25 * peak or 1.0)  # once, or rarely: not in `cost`
+        t0 = time.perf_counter()
+        self.canvas.restore_region(self.background)
+        self.loss.set_data([h['epoch'] for h in history], [h['train_loss'] for h in history])
+        self.loss.axes.draw_artist(self.loss)
+        for k, line in self.val.items():
+            line.set_data([h['epoch'] for h in history if k in h], [h[k] for h in history if k in h])
+            line.axes.draw_artist(line)
+        out = save_png(np.asarray(self.canvas.buffer_rgba())[..., :3], path)
+        self.cost = 0.5 * self.cost + 0.5 * (time.perf_counter() - t0)
+        return out
+
 
 # %% ../nbs/api/05_train.ipynb #c17b8c71
 def pick_device(device:str|None=None) -> torch.device:
@@ -552,19 +596,20 @@ def save_volumes(first:dict,    # `evaluate`'s first case: `image` (windowed to 
         out.append(folder/f"val_{k}.nii.gz"); nib.save(nib.Nifti1Image(a, affine), out[-1])
     return out
 
-def _log_epoch(tracker, run_id, epoch, state, m, history, first, is_best, cfg, step, work, curves_cost=None,
+def _log_epoch(tracker, run_id, epoch, state, m, history, first, is_best, cfg, step, work, curves=None,
                volumes=False, monitor=None) -> bool:
     "Draw and file the epoch (on the logger thread), tell `monitor`; True if a stop was asked for in the run's tags"
     d = Path(work)/'figures'/f"epoch_{epoch:03d}"
     arts = {}
-    if curves_cost is not None:
-        t0 = time.perf_counter()
-        arts['training_curves'] = save_png(curves_figure(history), d/'curves.png')
-        curves_cost[0] = 0.5 * curves_cost[0] + 0.5 * (time.perf_counter() - t0)
-    if first:
-        overlay = overlay_image(*(first[k] for k in ('image', 'label', 'pred')))
-        arts['predictions'] = [save_png(overlay, d/'overlay.png')]
-        if volumes: arts['predictions'] += save_volumes(first, cfg.pixdim, d)
+    try:
+        if curves is not None: arts['training_curves'] = curves.png(history, d/'curves.png')  # a `LiveCurves`
+        if first:
+            overlay = overlay_image(*(first[k] for k in ('image', 'label', 'pred')))
+            arts['predictions'] = [save_png(overlay, d/'overlay.png')]
+            if volumes: arts['predictions'] += save_volumes(first, cfg.pixdim, d)
+    except BaseException:
+        if isinstance(state, Snapshot): tracker.artifacts.release(state)  # its buffer serves the next epoch
+        raise
     cases = {'cases': first['cases']} if first and first.get('cases') else {}  # the summary's table
     tracker.log_epoch(epoch, model_state=state, metrics={k: v for k, v in m.items() if k != 'epoch'}, artifacts=arts,
                       metadata={'hyperparameters': asdict(cfg), 'seed': cfg.seed, 'global_step': step, **cases},
@@ -588,9 +633,11 @@ class EpochFiler:
         self.tracker, self.run_id, self.cfg, self.work, self.first_epoch = tracker, run_id, cfg, Path(work), epochs[0]
         self.monitor, self.stop_asked = monitor, False  # stop_asked: the run's tags asked for a stop
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix='coronary-epoch-logger')
-        self.pending, self.curves_cost, self.last_draw = None, [0.1], time.perf_counter()
+        self.pending, self.curves, self.last_draw = None, LiveCurves(epochs), time.perf_counter()
         self.volumes = getattr(getattr(tracker, 'settings', None), 'prediction_volumes', 'best')  # settings.ini
         self.volumes_saved = 0
+        arts = getattr(tracker, 'artifacts', None)  # copies the state straight into its checkpoint's buffer
+        self.snapshot = arts.snapshot if isinstance(arts, MLflowArtifactManager) else snapshot_state
     def __enter__(self): return self
     def __exit__(self, exc_type, *_):
         self.pool.shutdown(wait=True)  # also on Ctrl-C: the epoch in hand is filed, so its checkpoint is kept
@@ -610,17 +657,17 @@ def file(self:EpochFiler,
         ):
     "Copy the epoch's state, wait until the previous epoch is filed, then draw and file this one on the thread"
     # the curves are redrawn for the first and last epoch and whenever that fits in CURVES_BUDGET of the time since
-    # the last drawing: every epoch once epochs take a few seconds, as they do on real data
+    # the last drawing: with `LiveCurves` (a few ms a drawing) that is every epoch unless epochs take under a second
     draw = (final or epoch == self.first_epoch
-            or self.curves_cost[0] <= CURVES_BUDGET * (time.perf_counter() - self.last_draw))
+            or self.curves.cost <= CURVES_BUDGET * (time.perf_counter() - self.last_draw))
     if draw: self.last_draw = time.perf_counter()
     vols = first is not None and (self.volumes == 'every' or (self.volumes == 'best' and bool(is_best))
                                   or (self.volumes == 'first' and not self.volumes_saved))
     self.volumes_saved += vols
     if self.pending is not None: self.pending.result()  # surfaces an error of the previous epoch; at most one waits
-    self.pending = self.pool.submit(_log_epoch, self.tracker, self.run_id, epoch, snapshot_state(parts.state(epoch)),
+    self.pending = self.pool.submit(_log_epoch, self.tracker, self.run_id, epoch, self.snapshot(parts.state(epoch)),
                                     m, list(history), first, is_best, self.cfg, step, self.work,
-                                    self.curves_cost if draw else None, vols, self.monitor)
+                                    self.curves if draw else None, vols, self.monitor)
     self.pending.add_done_callback(lambda f: f.exception() or not f.result() or setattr(self, 'stop_asked', True))
 
 # %% ../nbs/api/05_train.ipynb #3e581b8e

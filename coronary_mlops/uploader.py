@@ -25,7 +25,7 @@ from .storage import (Slab, atomic_torch_save, dumps_json, epoch_summary, from_s
 from .reader import RunReader
 
 # %% auto #0
-__all__ = ['COMPRESSIBLE', 'ArtifactUploadError', 'EpochUploader', 'Snapshot', 'move_spooled_run']
+__all__ = ['COMPRESSIBLE', 'EARLY_HASH_BYTES', 'ArtifactUploadError', 'EpochUploader', 'Snapshot', 'move_spooled_run']
 
 # %% ../nbs/api/01d_uploader.ipynb #0a509a3a
 log = logging.getLogger('coronary_mlops.uploader')
@@ -56,6 +56,7 @@ class EpochUploader:
         self.staging.mkdir(parents=True, exist_ok=True)
         self._lock, self._queue, self._errors, self._thread = threading.RLock(), queue.Queue(), [], None
         self._index, self._manifests, self._slabs = {}, {}, {}
+        self._hasher, self._hashing = None, 0  # threads that hash staged files while the rest is staged
         self._recover_orphans()
 
 # %% ../nbs/api/01d_uploader.ipynb #11a62101
@@ -100,18 +101,19 @@ def stage(self:EpochUploader, run_id:str, # the run the epoch belongs to
     "Copy the epoch's files into a staging folder, record the rest in its job.json, rename it into place, queue it"
     job = self.staging/f"{run_id}-{epoch:03d}-{uuid.uuid4().hex[:8]}"
     snap = state if state is None or isinstance(state, Snapshot) else Snapshot(state)
-    paths, spec = _job_spec(run_id, epoch, ts, metrics, meta, plan, snap is not None, best, prune)
-    if snap is not None and snap.slab is not None and snap.skeleton is not None:  # what rebuilds it after a kill
-        spec['snapshot'] = dict(slab=snap.slab.path.relative_to(self.staging).as_posix(), layout=snap.slab.layout,
-                                skeleton=snap.skeleton)
-    part = job.with_name(job.name + '.partial')
+    part, hashes = job.with_name(job.name + '.partial'), {}
     try:
+        paths, spec = _job_spec(run_id, epoch, ts, metrics, meta, plan, snap is not None, best, prune)
+        if snap is not None and snap.slab is not None and snap.skeleton is not None:  # rebuilds it after a kill
+            spec['snapshot'] = dict(slab=snap.slab.path.relative_to(self.staging).as_posix(),
+                                    layout=snap.slab.layout, skeleton=snap.skeleton)
         (part/'files').mkdir(parents=True)
         for i, (_, src, rel) in enumerate(plan):
             if isinstance(src, Mapping): continue  # written from job.json by the worker
             dst = part/'files'/f"{i:04d}"; spec['staged'][dst.name] = rel
             if is_figure(src): src.savefig(dst, format='png', dpi=100, bbox_inches='tight')
             else: shutil.copyfile(src, dst)
+            if (early := self._hash_early(dst)) is not None: hashes[rel] = early
         (part/'job.json').write_text(json.dumps(spec, allow_nan=False))
         os.replace(part, job)
     except BaseException as e:
@@ -121,8 +123,38 @@ def stage(self:EpochUploader, run_id:str, # the run the epoch belongs to
             why = f"Could not stage epoch {epoch} of run {run_id} in {self.staging}: {e.strerror or e}"
             raise OSError(e.errno, why) from e
         raise
-    self._submit(job, snap)
+    self._submit(job, snap, hashes)
     return paths
+
+# %% ../nbs/api/01d_uploader.ipynb #988969b6
+EARLY_HASH_BYTES = 4 << 20  # staged files at least this large are hashed while the rest of their epoch is staged
+
+@patch
+def _hash_early(self:EpochUploader, path:Path) -> tuple|None:
+    "(future sha256, (device, inode, size)) of staged file `path`, hashing from now on; None: the worker hashes it"
+    if not self.async_upload or os.name != 'posix' or path.stat().st_size < EARLY_HASH_BYTES: return None
+    cores = os.cpu_count() or 1
+    with self._lock:
+        if self._hashing >= 2 * cores: return None  # each waiting hash holds an open file
+        if self._hasher is None: self._hasher = ThreadPoolExecutor(cores, thread_name_prefix='coronary-mlops-hash')
+        self._hashing, pool = self._hashing + 1, self._hasher
+    fh = None
+    try:
+        fh = open(path, 'rb')  # opened now: the folder is renamed into the queue before the hash may start
+        st = os.fstat(fh.fileno())  # what was hashed: a file later staged at the same path is hashed again
+        return pool.submit(self._hash_open, fh), (st.st_dev, st.st_ino, st.st_size)
+    except Exception:  # a pool shut down by close(), a file that cannot be opened: the worker hashes it
+        if fh is not None: fh.close()
+        with self._lock: self._hashing -= 1
+        return None
+
+@patch
+def _hash_open(self:EpochUploader, fh) -> str:
+    try:
+        with fh: return sha256_file(fh)
+    finally:
+        with self._lock: self._hashing -= 1
+
 
 # %% ../nbs/api/01d_uploader.ipynb #f5beee1e
 def _group_paths(plan) -> dict:
@@ -148,7 +180,10 @@ def _job_spec(run_id, epoch, ts, metrics, meta, plan, has_state, best, prune) ->
 @dataclass
 class Snapshot:
     "A CPU copy of a model state, held in a `Slab`, and the skeleton that rebuilds it from the slab file"
-    state:object; slab:Slab|None=None; skeleton:dict|None=None
+    state:object              # the copy: tensors (views into the slab) in the state's containers
+    slab:Slab|None=None       # the buffer, None when the state could not be mapped (copied to plain memory)
+    skeleton:dict|None=None   # what rebuilds the state from the slab file after a kill, None if its keys cannot be
+    used:bool=False           # filed or released once: its buffer may already hold another epoch
 
 @patch
 def snapshot(self:EpochUploader, model_state) -> Snapshot:
@@ -177,19 +212,20 @@ def _give_back(self:EpochUploader, slab:Slab|None):
     if slab is None: return
     with self._lock:
         free = self._slabs.setdefault(slab.key, [])
+        if any(s is slab for s in free): return  # given back twice: one buffer must not serve two snapshots
         if len(free) < 2: free.append(slab); return
     slab.drop()
 
 # %% ../nbs/api/01d_uploader.ipynb #0a506e41
 @patch
-def _submit(self:EpochUploader, job:Path, state:Snapshot|None=None):
-    "Queue a staged epoch; without async upload, process it now"
+def _submit(self:EpochUploader, job:Path, state:Snapshot|None=None, hashes:dict|None=None):
+    "Queue a staged epoch (with the hashes `stage` started); without async upload, process it now"
     if not self.async_upload: return self._run_job(job, state)
     with self._lock:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name='coronary-mlops-artifacts', daemon=True)
             self._thread.start()
-    self._queue.put((job, state))
+    self._queue.put((job, state, hashes))
 
 @patch
 def _work(self:EpochUploader):
@@ -197,13 +233,17 @@ def _work(self:EpochUploader):
         item = self._queue.get()
         try:
             if item is None: return
-            self._run_job(*item)
+            job, state, hashes = item
+            self._run_job(job, state, hashes=hashes)
         except BaseException as e: self._errors.append(e); log.warning("Artifact worker error: %s", e)
         finally: self._queue.task_done()
 
+
 # %% ../nbs/api/01d_uploader.ipynb #9b899ed1
 @patch
-def _run_job(self:EpochUploader, job:Path, state:Snapshot|None=None, spool_on_failure:bool=True) -> bool:
+def _run_job(self:EpochUploader, job:Path, state:Snapshot|None=None, spool_on_failure:bool=True,
+             hashes:dict|None=None, # {run-relative path: `_hash_early`'s (future, file)} from `stage`
+            ) -> bool:
     "Process one staged epoch with retries; spool it when the store stays unreachable. True if uploaded"
     spec = read_json((job/'job.json').read_text())
     _render(job, spec)
@@ -220,7 +260,7 @@ def _run_job(self:EpochUploader, job:Path, state:Snapshot|None=None, spool_on_fa
                 self.replay_spool(spec['run_id'], quiet=True)
                 if self.spooled(spec['run_id']):
                     raise ConnectionError("earlier epochs of this run are still waiting in the local queue")
-            self._process(job, spec); shutil.rmtree(job, ignore_errors=True)
+            self._process(job, spec, hashes); shutil.rmtree(job, ignore_errors=True)
             return True
         except Exception as e:
             err = e
@@ -272,15 +312,28 @@ def _render(job:Path, spec:dict):
         if not f.exists(): f.parent.mkdir(parents=True, exist_ok=True); f.write_text(text)
 
 # %% ../nbs/api/01d_uploader.ipynb #3fc07cb1
+def _early(entry:tuple|None, f:Path):
+    "The future of `_hash_early` entry `entry` if `f` is still the file it hashes, else None"
+    if entry is None: return None
+    fut, key = entry; st = f.stat()
+    return fut if (st.st_dev, st.st_ino, st.st_size) == key else None
+
+def _sha(fut, f:Path) -> str:
+    "The sha256 an early hash found, or the file's own if that hash failed"
+    try: return fut.result()
+    except Exception: return sha256_file(f)
+
 @patch
-def _process(self:EpochUploader, job:Path, spec:dict):
+def _process(self:EpochUploader, job:Path, spec:dict, hashes:dict|None=None):
     t0, run_id, epoch, tree = time.perf_counter(), spec['run_id'], spec['epoch'], job/'tree'
     check_reachable(self.settings.tracking_uri)
-    index, entries, up_bytes, up_files, dedup_bytes = self._run_index(run_id), [], 0, 0, 0
-    mpath = spec['paths']['manifest']
+    mpath, early = spec['paths']['manifest'], hashes or {}
     files = [f for f in sorted(tree.rglob('*')) if f.is_file() and f.relative_to(tree).as_posix() != mpath]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as ex:  # hashlib releases the GIL: one file per core
-        shas = dict(zip(files, ex.map(sha256_file, files)))
+        futs = {f: _early(early.get(f.relative_to(tree).as_posix()), f) or ex.submit(sha256_file, f) for f in files}
+        index = self._run_index(run_id)  # read from the store while the files hash
+        shas = {f: _sha(fut, f) for f, fut in futs.items()}
+    entries, up_bytes, up_files, dedup_bytes = [], 0, 0, 0
     for f in files:
         e = self._store_entry(f, f.relative_to(tree).as_posix(), index, shas[f])
         entries.append(e)
@@ -298,6 +351,7 @@ def _process(self:EpochUploader, job:Path, spec:dict):
     with self._lock: self._manifests.setdefault(run_id, {})[epoch] = manifest
     self._log_epoch_metrics(run_id, spec, up_bytes, up_files, dedup_bytes, time.perf_counter() - t0)
     for folder in spec['prune']: self._prune(run_id, folder)
+
 
 # %% ../nbs/api/01d_uploader.ipynb #e90ab660
 _STORED_KEYS = ('encoding', 'stored_size', 'stored_sha256')
@@ -401,6 +455,7 @@ def close(self:EpochUploader, raise_errors:bool=True):
     finally:
         if self._thread is not None and self._thread.is_alive(): self._queue.put(None); self._thread.join(timeout=30)
         self._thread = None
+        if self._hasher is not None: self._hasher.shutdown(wait=True); self._hasher = None
         with self._lock: self._slabs.clear()
         shutil.rmtree(self.staging, ignore_errors=True)
 

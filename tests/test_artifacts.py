@@ -233,6 +233,39 @@ def test_verify_reports_missing_modified_and_extra(tmp_path, clean_env):
     assert rep.extra == ['logs/epoch_000/intruder.txt'] and not rep.ok and rep.checked == 3 * 4 + 1
 
 
+def test_files_hashed_while_staging_keep_the_integrity_guarantees(store, request):
+    # large files start hashing while the epoch is staged: the manifest still holds the sha256 of the bytes stored,
+    # a caller rewriting its file after log_epoch returns changes nothing, and verify still catches tampering
+    from coronary_mlops.uploader import EARLY_HASH_BYTES
+    from coronary_mlops.storage import sha256_file
+    vols = [store.tmp/f'vol{i}.raw' for i in range(3)]
+    for v in vols: v.write_bytes(os.urandom(EARLY_HASH_BYTES + 11))
+    logged = {v.name: sha256_file(v) for v in vols}
+    with MLflowArtifactManager(store.settings, store.client, compress_threshold_mb=0) as m:
+        m.log_epoch(0, artifacts={'predictions': vols}, run_id=store.run_id)
+        for v in vols: v.write_bytes(b'rewritten by the caller')  # at once, while the epoch is hashed and uploaded
+        m.flush()
+        entries = {Path(e['path']).name: e['sha256'] for e in m.manifest(store.run_id, 0)['files']}
+        assert {k: entries[k] for k in logged} == logged and m.verify(store.run_id).ok
+        uri = store.client.get_run(store.run_id).info.artifact_uri  # the bytes where the store keeps them
+        root = (Path(uri.removeprefix('file://')) if uri.startswith('file://') else
+                Path(request.getfixturevalue('server').artifacts)/uri.removeprefix('mlflow-artifacts:/'))
+        assert {v.name: sha256_file(root/'predictions/epoch_000'/v.name) for v in vols} == logged
+        with open(root/'predictions/epoch_000/vol1.raw', 'r+b') as f: f.seek(EARLY_HASH_BYTES); f.write(b'x')
+        assert m.verify(store.run_id).modified == ['predictions/epoch_000/vol1.raw']
+        assert m.uploader._hasher is not None  # the hashes did start while staging
+        # two files of one name under one type would be one path: refused before anything is staged, naming both
+        (store.tmp/'a').mkdir(); (store.tmp/'b').mkdir()
+        (store.tmp/'a/seg.raw').write_bytes(os.urandom(EARLY_HASH_BYTES + 1))
+        (store.tmp/'b/seg.raw').write_bytes(b'small')
+        with pytest.raises(ValueError, match=r"predictions/epoch_001/seg.raw.*a/seg.raw and .*b/seg.raw"):
+            m.log_epoch(1, artifacts={'predictions': [store.tmp/'a/seg.raw', store.tmp/'b/seg.raw']}, run_id=store.run_id)
+        (store.tmp/'a/model.pt').write_bytes(b'not a checkpoint')  # named like the one model_state makes
+        with pytest.raises(ValueError, match='the model_state checkpoint'):
+            m.log_epoch(1, net(), artifacts={'checkpoint': store.tmp/'a/model.pt'}, run_id=store.run_id)
+    assert m.uploader._hashing == 0 and m.uploader._hasher is None  # every open file given back, the threads stopped
+
+
 def test_dedup_stores_a_repeated_file_once(store):
     big = store.tmp/'vol.bin'; big.write_bytes(os.urandom(5 * 2**20))
     with MLflowArtifactManager(store.settings, store.client) as m:
@@ -356,7 +389,7 @@ from coronary_mlops.config import load_settings
 from coronary_mlops.artifacts import MLflowArtifactManager
 s = load_settings(settings_file=False, environ={{}}, store_dir={str(tmp_path/'store')!r})
 m = MLflowArtifactManager(s, async_upload=True)
-m.uploader._submit = lambda job, state=None: None   # the process dies before its worker uploads anything
+m.uploader._submit = lambda *a: None   # the process dies before its worker uploads anything
 m.log_epoch(4, metrics={{'a': 1.0}}, run_id={st.run_id!r})
 os._exit(0)
 """

@@ -16,8 +16,8 @@ import mlflow
 from mlflow import MlflowClient
 from fastcore.basics import patch
 from .config import Settings, load_settings, redact, check_reachable
-from .layout import (LAYOUT, FILE_NAMES, check_key, check_name, epoch_dir, folder_files, metric_value,
-                                   plan_artifacts, safe_join, layout_markdown)
+from .layout import (LAYOUT, check_key, check_name, epoch_file, folder_files,
+                                   metric_value, plan_artifacts, safe_join, layout_markdown)
 from .storage import (CheckpointPolicy, atomic_torch_save, dumps_json, fmt_value, load_checkpoint,
                                     read_json, snapshot_state, to_jsonable, training_context)
 from .reader import ArtifactIntegrityError, RunReader, VerifyReport
@@ -111,8 +111,7 @@ def log_epoch(self:MLflowArtifactManager,
         epoch, run_id, ts = int(epoch), self._run_id(run_id), int(time.time() * 1000)
         metrics = {check_key(str(k), 'metric'): metric_value(k, v) for k, v in (metrics or {}).items()}
         plan = [x for kind, v in (artifacts or {}).items() for x in plan_artifacts(kind, v, epoch)]
-        ckpt = f"{epoch_dir('checkpoint', epoch)}/{FILE_NAMES['checkpoint']}"
-        _check_plan(plan, ckpt if model_state is not None else None)
+        _check_plan(plan, epoch_file('checkpoint', epoch) if model_state is not None else None)
         meta = dict(metadata or {})
         meta = {**training_context(meta.pop('hyperparameters', None), meta.pop('seed', self.settings.seed)),
                 **redact(to_jsonable(meta, 'metadata')), 'epoch': epoch}

@@ -14,13 +14,13 @@ import nibabel as nib
 import torch
 from skimage.morphology import skeletonize
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+from tqdm.auto import tqdm
+from .predict import Segmenter
 
 # MONAI 1.5-1.6's own get_edge_surface_distance (behind HausdorffDistanceMetric and compute_hausdorff_distance) passes
 # get_mask_edges' deprecated `always_return_as_numpy`, so every HD95 warns though no call of ours passes it: this one
 # message is silenced (train imports this module, so its HausdorffDistanceMetric is covered too)
 warnings.filterwarnings('ignore', r'monai\.metrics\.utils get_mask_edges:always_return_as_numpy', FutureWarning)
-from tqdm.auto import tqdm
-from .predict import Segmenter
 
 # %% auto #0
 __all__ = ['METRICS', 'cldice', 'case_metrics', 'evaluate_cases', 'summarize', 'write_cases_csv']

@@ -15,8 +15,9 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, path_not_unique, vali
 # %% auto #0
 __all__ = ['LAYOUT', 'FILE_NAMES', 'CATEGORY_SUFFIXES', 'MAX_NAME_BYTES', 'KEY_BAD_CHARS', 'TAG_BEST_CHECKPOINT',
            'TAG_BEST_EPOCH', 'TAG_END_REASON', 'TAG_EARLY_STOP', 'TAG_STOPPED', 'TAG_STOP_REQUEST', 'TAG_TASK',
-           'TAG_OFFLINE_ID', 'FIGURE_NAMES', 'epoch_dir', 'categorize', 'type_dir', 'layout_markdown', 'check_name',
-           'safe_join', 'check_key', 'metric_value', 'metric_step', 'is_figure', 'folder_files', 'plan_artifacts']
+           'TAG_OFFLINE_ID', 'FIGURE_NAMES', 'epoch_dir', 'epoch_file', 'categorize', 'type_dir', 'layout_markdown',
+           'check_name', 'safe_join', 'check_key', 'metric_value', 'metric_step', 'is_figure', 'folder_files',
+           'plan_artifacts']
 
 # %% ../nbs/api/01a_layout.ipynb #d9184b3e
 log = logging.getLogger('coronary_mlops.layout')
@@ -48,6 +49,12 @@ def epoch_dir(kind:str, # an artifact type of `LAYOUT`
     "Run-relative folder for artifact type `kind` at `epoch`"
     if kind not in LAYOUT: raise KeyError(f"No layout for {kind!r}; known types: {', '.join(LAYOUT)}")
     return LAYOUT[kind].format(epoch=epoch)
+
+def epoch_file(kind:str, # one of `FILE_NAMES`: a file the manager writes itself
+               epoch:int, # the epoch
+              ) -> str: # run-relative path
+    "Run-relative path of the file the manager writes for `kind` at `epoch` (the checkpoint, metrics, manifest...)"
+    return f"{epoch_dir(kind, epoch)}/{FILE_NAMES[kind]}"
 
 # %% ../nbs/api/01a_layout.ipynb #a5b62d42
 CATEGORY_SUFFIXES = {

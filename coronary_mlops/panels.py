@@ -14,7 +14,7 @@ import numpy as np
 import ipywidgets as W
 from mlflow.entities import ViewType
 from .config import redact
-from .layout import FILE_NAMES, TAG_BEST_EPOCH, TAG_STOP_REQUEST, epoch_dir, safe_join
+from .layout import TAG_BEST_EPOCH, TAG_STOP_REQUEST, epoch_file, safe_join
 from .storage import read_json
 from .tracker import MLflowTracker, RunInfo
 from . import registry
@@ -78,7 +78,7 @@ def categories(self:RunArtifacts, epoch:int) -> list[str]: return sorted({e['cat
 @patch
 def find(self:RunArtifacts, epoch:int, kind:str) -> str|None:
     "Run-relative path of the epoch's file of a `LAYOUT` type written by the manager (metrics, metadata, summary…)"
-    p = f"{epoch_dir(kind, epoch)}/{FILE_NAMES[kind]}"
+    p = epoch_file(kind, epoch)
     return p if any(e['path'] == p for e in self.files(epoch)) else None
 
 # %% ../nbs/api/06_panels.ipynb #131af000

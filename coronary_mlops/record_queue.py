@@ -37,10 +37,11 @@ def kit_error(e:Exception, action:str, uri:str) -> Exception:
     "A kit error for MLflow exception `e` met while doing `action`; it names the server without credentials"
     text, server = str(e), redact_uri(uri)
     code = getattr(e, 'error_code', type(e).__name__)
-    if re.search(r'PERMISSION_DENIED|403|[Pp]ermission denied', text) or code == 'PERMISSION_DENIED':
+    # status codes as words: a run id is hex and may hold '403' or '401' (4be64038d0b3...) without meaning either
+    if re.search(r'PERMISSION_DENIED|\b403\b|[Pp]ermission denied', text) or code == 'PERMISSION_DENIED':
         return TrackerPermissionError(f"MLflow server {server} does not allow {_who()} to {action}: permission denied. "
                                       "Ask an admin for EDIT (or MANAGE) permission on the experiment or model.")
-    if re.search(r'UNAUTHENTICATED|401|not authenticated|[Uu]nauthorized', text):
+    if re.search(r'UNAUTHENTICATED|\b401\b|not authenticated|[Uu]nauthorized', text):
         return TrackerPermissionError(
             f"MLflow server {server} rejected the credentials of {_who()} while trying to {action}: set "
             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (in .env, never in settings.ini).")

@@ -131,19 +131,28 @@ def preprocessing(cfg:TrainConfig) -> Preprocessing:
                          sw_batch_size=cfg.sw_batch_size, overlap=cfg.overlap)
 
 # %% ../nbs/api/05_train.ipynb #55b2dd66
+def _curves_axes(fig:Figure) -> tuple:
+    "The two panels of the training curves on `fig`, titled and placed (not tight_layout: that costs a second draw)"
+    a, b = fig.subplots(1, 2)
+    a.set(title='train loss (Dice + CE)', xlabel='epoch'); b.set(title='validation', xlabel='epoch', ylim=(0, 1))
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.88, wspace=0.25)
+    return a, b
+
+def _series(history:Sequence[dict], key:str) -> tuple[list, list]:
+    "(epochs, values) of metric `key`, from the epochs that have it"
+    return [h['epoch'] for h in history if key in h], [h[key] for h in history if key in h]
+
 def curves_figure(history:Sequence[dict]) -> Figure:
     "Training loss and validation Dice/clDice per epoch (matplotlib's object API: safe off the main thread)"
     fig = Figure(figsize=(8, 2.8))
-    a, b = fig.subplots(1, 2)
-    ep = [h['epoch'] for h in history]
-    a.plot(ep, [h['train_loss'] for h in history], 'o-', ms=3); a.set(title='train loss (Dice + CE)', xlabel='epoch')
+    a, b = _curves_axes(fig)
+    a.plot(*_series(history, 'train_loss'), 'o-', ms=3)
     for k in ('val_dice', 'val_cldice'):
-        pts = [(h['epoch'], h[k]) for h in history if k in h]
-        if pts: b.plot(*zip(*pts), 'o-', ms=3, label=k)
-    b.set(title='validation', xlabel='epoch', ylim=(0, 1))
+        xs, ys = _series(history, k)
+        if xs: b.plot(xs, ys, 'o-', ms=3, label=k)
     if b.lines: b.legend(loc='lower right')  # before the first validation there is nothing to label
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.88, wspace=0.25)  # tight_layout costs a second draw
     return fig
+
 
 # %% ../nbs/api/05_train.ipynb #e3c4ccaf
 def _edge(m:np.ndarray) -> np.ndarray:
@@ -201,13 +210,11 @@ class LiveCurves:
     def _axes(self, top:float):
         "Draw the figure without its lines (the picture each drawing starts from), the loss axis up to `top`"
         self.fig = fig = Figure(figsize=(8, 2.8), dpi=72); self.canvas = FigureCanvasAgg(fig)
-        a, b = fig.subplots(1, 2)
+        a, b = _curves_axes(fig)
         span = (self.epochs[0] - 0.5, self.epochs[-1] + 0.5)
         self.loss = a.plot([], [], 'o-', ms=3, animated=True)[0]  # animated: left out of the kept picture
-        a.set(title='train loss (Dice + CE)', xlabel='epoch', xlim=span, ylim=(0, top))
         self.val = {k: b.plot([], [], 'o-', ms=3, label=k, animated=True)[0] for k in ('val_dice', 'val_cldice')}
-        b.set(title='validation', xlabel='epoch', xlim=span, ylim=(0, 1)); b.legend(loc='lower right')
-        fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.88, wspace=0.25)
+        a.set(xlim=span, ylim=(0, top)); b.set(xlim=span); b.legend(loc='lower right')
         self.canvas.draw(); self.background, self.top = self.canvas.copy_from_bbox(fig.bbox), top
 
     def png(self, history:Sequence[dict], path) -> Path:
@@ -216,11 +223,8 @@ class LiveCurves:
         if self.fig is None or peak > self.top: self._axes(1.25 * peak or 1.0)  # once, or rarely: not in `cost`
         t0 = time.perf_counter()
         self.canvas.restore_region(self.background)
-        self.loss.set_data([h['epoch'] for h in history], [h['train_loss'] for h in history])
-        self.loss.axes.draw_artist(self.loss)
-        for k, line in self.val.items():
-            line.set_data([h['epoch'] for h in history if k in h], [h[k] for h in history if k in h])
-            line.axes.draw_artist(line)
+        for k, line in {'train_loss': self.loss, **self.val}.items():
+            line.set_data(*_series(history, k)); line.axes.draw_artist(line)
         out = save_png(np.asarray(self.canvas.buffer_rgba())[..., :3], path)
         self.cost = 0.5 * self.cost + 0.5 * (time.perf_counter() - t0)
         return out

@@ -18,7 +18,8 @@ from mlflow.utils.mlflow_tags import LATEST_CHECKPOINT_ARTIFACT_TAG_KEY
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .config import Settings, check_reachable, probe_server, redact, redact_text
-from .layout import FILE_NAMES, TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, epoch_dir, is_figure, safe_join
+from .layout import (FILE_NAMES, TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, epoch_dir, epoch_file, is_figure,
+                                   safe_join)
 from .storage import (Slab, atomic_torch_save, dumps_json, epoch_summary, from_skeleton, gunzip_sha256,
                                     gzip_file, pid_alive, read_json, read_slab, sha256_file, skeleton, snapshot_state,
                                     state_tensors, to_jsonable)
@@ -166,10 +167,10 @@ def _group_paths(plan) -> dict:
 def _job_spec(run_id, epoch, ts, metrics, meta, plan, has_state, best, prune) -> tuple[dict, dict]:
     "(the paths `stage` returns, the job.json contents) of one epoch"
     paths = _group_paths(plan)
-    ckpt = f"{epoch_dir('checkpoint', epoch)}/{FILE_NAMES['checkpoint']}" if has_state else None
+    ckpt = epoch_file('checkpoint', epoch) if has_state else None
     if ckpt: paths['checkpoint'] = ckpt
     for kind in ('metrics', 'metadata', 'summary', 'manifest'):
-        paths[kind] = f"{epoch_dir(kind, epoch)}/{FILE_NAMES[kind]}"
+        paths[kind] = epoch_file(kind, epoch)
     spec = dict(run_id=run_id, epoch=epoch, timestamp_ms=ts, metrics=to_jsonable(metrics), metadata=meta,
                 checkpoint=ckpt, is_best=bool(best), prune=[epoch_dir('checkpoint', e) for e in prune], paths=paths,
                 inline={rel: redact(to_jsonable(src, rel)) for _, src, rel in plan if isinstance(src, Mapping)},

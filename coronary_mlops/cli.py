@@ -1,4 +1,4 @@
-"""The `coronary-mlops` command: `info`, `train`, `demo` and `ui`
+"""The `coronary-mlops` command: `info`, `train`, `demo`, `plan`, `predict`, `sync`, `cache` and `ui`
 
 Docs: https://coronary-mlops.github.io/coronary_mlops/api/cli.html.md"""
 
@@ -6,20 +6,22 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/cli.html.md"""
 
 # %% ../nbs/api/07_cli.ipynb #922fd32c
 from __future__ import annotations
-import argparse, shlex, shutil, subprocess, sys, time
+import argparse, contextlib, fcntl, os, shlex, shutil, signal, subprocess, sys, threading, time
 from dataclasses import fields
 from pathlib import Path
 from typing import get_args, get_type_hints
 from fastcore.docments import docments
 from .config import load_settings, probe_server, redact_uri, Settings, SettingsError
-from .data import DataError, PhantomConfig
+from .check import check_cases
+from .data import DataError, PhantomConfig, cache_plan, discover, fingerprint, split_cases
 from .predict import InputError, load_segmenter, predict_files
 from .tracker import MLflowTracker
-from .train import TrainConfig
+from .storage import check_writable
+from .train import NonFiniteLossError, TrainConfig, cache_line, plan_run
 
 # %% auto #0
-__all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'sync_store', 'predict_scans', 'cache_report',
-           'add_train_options', 'cli_parser', 'main']
+__all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'store_lock', 'sync_store', 'predict_scans',
+           'cache_report', 'plan_report', 'add_train_options', 'cli_parser', 'Terminated', 'ending_on_signals', 'main']
 
 # %% ../nbs/api/07_cli.ipynb #47cefb3e
 def store_report(s:Settings) -> str:
@@ -54,6 +56,7 @@ def run_training(s:Settings,              # where the run goes
     "Train with settings `s` and `TrainConfig` `options`; print the report unless `quiet`; return the `TrainResult`"
     from coronary_mlops.tracker import MLflowTracker
     from coronary_mlops.train import train, dist_info
+    if s.is_embedded: check_writable(s.store_dir)  # a read-only store: one line, before any run or database
     tracker = MLflowTracker(settings=s) if dist_info()[0] == 0 else None  # under torchrun only rank 0 opens the store
     cfg = TrainConfig.from_settings(s, **options)
     res = train(cfg, data_dir=data, synthetic=synthetic, tracker=tracker, resume=resume, register=register, alias=alias,
@@ -71,6 +74,7 @@ def report(res, s:Settings) -> str:
         t = res.test
         lines.append(f"held-out test Dice   : {t['test_dice']:.3f} "
                      f"(clDice {t['test_cldice']:.3f}, HD95 {t['test_hd95']:.2f} mm)")
+    if res.test_missing: lines.append(f"held-out test        : none: {res.test_missing}")
     if res.registered: lines.append(f"registered model     : {res.registered}")
     if res.onnx_path: lines.append(f"ONNX                 : {res.onnx_path}")
     return '\n'.join(lines) + '\n' + store_report(s)
@@ -101,16 +105,38 @@ def ui(s:Settings, port:int=5000) -> int:
     return subprocess.call(cmd)
 
 # %% ../nbs/api/07_cli.ipynb #87ba08d2
-def sync_store(s:Settings) -> int:
-    "Replay the spooled records and epochs of `s`'s store (`MLflowTracker.sync`); print what went up; 0 if all did"
-    tr = MLflowTracker(settings=s)
-    try: r = tr.sync()
-    except Exception as e: print(f"coronary-mlops sync: {e}", file=sys.stderr); return 1
-    finally: tr.close()
-    left = len(tr.artifacts.spooled())
+@contextlib.contextmanager
+def store_lock(s:Settings, what:str='sync'):
+    "Hold `s`'s store lock (`<store>/.sync.lock`, fcntl) while the block runs; wait, saying who holds it, if taken"
+    path = Path(s.store_dir)/'.sync.lock'; path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, 'a+') as f:
+        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0); holder = f.read().strip() or 'another process'
+            print(f"coronary-mlops {what}: {holder} holds {path}; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0); f.truncate(); f.write(f"{what} (pid {os.getpid()})"); f.flush()
+        try: yield
+        finally: f.seek(0); f.truncate(); fcntl.flock(f, fcntl.LOCK_UN)
+
+# %% ../nbs/api/07_cli.ipynb #1da3672b
+def sync_store(s:Settings,                 # the store
+               retry_rejected:bool=False,  # first put the records the store refused back in the spool
+              ) -> int:                    # 0 only when nothing waits and nothing is set aside
+    "Replay the spooled records and epochs of `s`'s store (`MLflowTracker.sync`); print what went up and what did not"
+    with store_lock(s, 'sync'):
+        tr = MLflowTracker(settings=s)
+        try:
+            if retry_rejected: print(f"put {tr.queue.retry_rejected()} refused records back in the spool")
+            r = tr.sync()
+        except Exception as e: print(f"coronary-mlops sync: {e}", file=sys.stderr); return 1
+        finally: tr.close()
+        left = len(tr.artifacts.spooled())
+        aside = tr.queue.set_aside() + sorted((Path(s.store_dir)/'spool'/'rejected').glob('*'))
     print(f"replayed {r['records']} records and {r['epochs']} epochs into {redact_uri(s.tracking_uri)}; "
-          f"{r['pending']} records and {left} epochs still wait")
-    return 0 if r['pending'] == 0 and left == 0 else 1
+          f"{r['pending']} records and {left} epochs still wait; {len(aside)} set aside")
+    for f in aside: print(f"  set aside: {f}")
+    return 0 if r['pending'] == 0 and left == 0 and not aside else 1
 
 # %% ../nbs/api/07_cli.ipynb #c0fdf557
 def predict_scans(s:Settings,        # the store the model is in
@@ -143,6 +169,43 @@ def cache_report(s:Settings,          # the store whose cache folder is listed
     print(f"{'removed' if clear else 'in all'}: {total / 2**30:.2f} GB in {len(dirs)} cache folder"
           f"{'' if len(dirs) == 1 else 's'} under {root}")
     return 0
+
+# %% ../nbs/api/07_cli.ipynb #57eef3c9
+def _plan_lines(cfg:TrainConfig, plan:dict, fp:dict, cache:dict) -> list[str]:
+    "What `plan` prints of the fingerprint and the plan"
+    src = lambda k: 'set' if k not in plan.get('planned', '') else 'planned'
+    return [f"spacing  : median {fp['spacing_median']} mm (min {fp['spacing_min']}, max {fp['spacing_max']}), RAS order",
+            f"shape    : median {fp['shape_median']} voxels, {fp['extent_mm_median']} mm",
+            f"vessels  : {fp.get('fg_hu_p00_5', 'n/a')} to {fp.get('fg_hu_p99_5', 'n/a')} (0.5-99.5 %, "
+            f"{fp['fg_voxels']:,} voxels of {fp['fg_cases']} cases)",
+            f"pixdim   : {cfg.pixdim} mm ({src('pixdim')})", f"window   : {cfg.window} ({src('window')})",
+            f"patch    : {cfg.roi_size} voxels ({src('roi_size')}" + (f", about {plan['patch_gb']} GB a step of "
+            f"{plan['patch_memory_gb']} GB" if 'patch_gb' in plan else '') + ')', f"cache    : {cache_line(cache)}"]
+
+# %% ../nbs/api/07_cli.ipynb #7a92afd5
+def plan_report(s:Settings,        # whose store keeps the findings
+                data:str,          # the data folder
+                device=None,       # whose memory the patch is planned for
+                quiet:bool=False,  # no progress bar
+                **options,         # `TrainConfig` fields; None means the settings' value
+               ) -> int:           # 0: trainable (warnings or not); 1: a case would be refused; 2: no data
+    "Check `data` and print its fingerprint, the plan and every finding, as `train` would before a run; train nothing"
+    cfg = TrainConfig.from_settings(s, **options)
+    try: cases = discover(data)
+    except DataError as e: print(f"coronary-mlops plan: {e}", file=sys.stderr); return 2
+    report = check_cases(cases, cfg.merge_labels, Path(s.store_dir)/'cache', progress=not quiet)
+    print(f"data     : {data} ({len(cases)} cases)")
+    if ok := report.usable:
+        try:
+            planned, plan = plan_run(cfg, ok, None, device)
+            fp = plan if 'spacing_median' in plan else fingerprint(ok, seed=cfg.seed)
+            cache = {**cache_plan(ok, planned.pixdim, cfg.cache_budget_gb), 'dir': str(Path(s.store_dir)/'cache')}
+            print('\n'.join(_plan_lines(planned, plan, fp, cache)))
+        except DataError as e: print(f"plan     : cannot be made: {e}")
+    print(report.text(limit=len(report.findings)))
+    try: split_cases(report.usable, cfg.fractions, cfg.seed)  # what train would do next
+    except (DataError, ValueError) as e: print(f"split    : {e}"); return 1
+    return 1 if report.errors else 0
 
 # %% ../nbs/api/07_cli.ipynb #fc7660b2
 _ALIASES = {'learning_rate': ('--lr',), 'roi_size': ('--roi',)}  # the short spellings the README uses
@@ -186,7 +249,7 @@ def _store_options(p:argparse.ArgumentParser, default=None):
 
 # %% ../nbs/api/07_cli.ipynb #584b4f28
 def cli_parser() -> argparse.ArgumentParser:
-    "The `coronary-mlops` command's parser: `info`, `train`, `demo`, `ui`, `sync`, `predict` and `cache`"
+    "The `coronary-mlops` command's parser: `info`, `train`, `demo`, `plan`, `ui`, `sync`, `predict` and `cache`"
     p = argparse.ArgumentParser(prog='coronary-mlops', description="Notebook-first MLOps for coronary segmentation")
     _store_options(p)
     sub = p.add_subparsers(dest='command', required=True)
@@ -211,7 +274,8 @@ def cli_parser() -> argparse.ArgumentParser:
         c.add_argument('--device', help="cpu, cuda or cuda:N (default: CUDA when present)")
         add_train_options(c, defaults)
     cmd('ui', "open the MLflow UI on the store").add_argument('--port', type=int, default=5000)
-    cmd('sync', "upload what an outage or a killed process left in the local spool")
+    cmd('sync', "upload what an outage or a killed process left in the local spool").add_argument(
+        '--retry-rejected', action='store_true', help="send the records the store refused once more")
     pr = cmd('predict', "segment CT scans with a logged or registered model; masks on each scan's own grid")
     pr.add_argument('model', help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a run id")
     pr.add_argument('inputs', nargs='+', metavar='INPUT', help="NIfTI or NRRD scans, or folders of them")
@@ -219,9 +283,30 @@ def cli_parser() -> argparse.ArgumentParser:
     pr.add_argument('--prob', action='store_true', help="also write <case>_prob.nii.gz, the vessel probability")
     pr.add_argument('--device', help="cpu, cuda or cuda:N (default: CUDA when present)")
     pr.add_argument('--quiet', action='store_true', help="no progress bar")
+    pl = cmd('plan', "check a data folder and show the plan (spacing, window, patch, cache); trains nothing")
+    pl.add_argument('--data', required=True, help="folder of image/label pairs (ImageCAS, ASOCA or Decathlon layout)")
+    pl.add_argument('--device', help="whose memory the patch is planned for (default: CUDA when present)")
+    pl.add_argument('--quiet', action='store_true', help="no progress bar")
+    add_train_options(pl)
     cmd('cache', "list the disk caches of preprocessed cases under the store, with their sizes").add_argument(
         '--clear', action='store_true', help="delete them; the next run preprocesses again")
     return p
+
+# %% ../nbs/api/07_cli.ipynb #48388a91
+class Terminated(KeyboardInterrupt):
+    "SIGTERM or SIGHUP while training: the run ends KILLED, as after Ctrl-C"
+    def __init__(self, signum:int): super().__init__(signal.Signals(signum).name); self.signum = signum
+
+def _raise_terminated(signum, frame): raise Terminated(signum)
+
+@contextlib.contextmanager
+def ending_on_signals(signals=(signal.SIGTERM, signal.SIGHUP)):
+    "While the block runs, `signals` raise `Terminated` in the main thread; the old handlers come back after"
+    if threading.current_thread() is not threading.main_thread(): yield; return  # only the main thread may
+    old = {s: signal.signal(s, _raise_terminated) for s in signals}
+    try: yield
+    finally:
+        for s, h in old.items(): signal.signal(s, h)
 
 # %% ../nbs/api/07_cli.ipynb #516c796d
 def main(argv:list[str]|None=None) -> int:
@@ -234,19 +319,23 @@ def main(argv:list[str]|None=None) -> int:
         for k, v in s.as_params().items(): print(f"  {k:22} {v:60} {s.sources.get(k, 'default')}")
         return 0
     if a.command == 'ui': return ui(s, a.port)
-    if a.command == 'sync': return sync_store(s)
+    if a.command == 'sync': return sync_store(s, a.retry_rejected)
     if a.command == 'cache': return cache_report(s, a.clear)
     if a.command == 'predict': return predict_scans(s, a.model, a.inputs, a.out, a.prob, a.device, a.quiet)
     opts = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
+    if a.command == 'plan': return plan_report(s, a.data, a.device, a.quiet, **opts)
     try:
-        if a.command == 'demo': demo(s, synthetic=a.synthetic, device=a.device, **opts)
-        else:
-            run_training(s, data=a.data, synthetic=a.synthetic, resume=a.resume,
-                         register=a.register, alias=a.alias, onnx=a.onnx, device=a.device, work_dir=a.work_dir, **opts)
-    except (DataError, ValueError, TypeError) as e:
+        with ending_on_signals():  # SIGTERM and SIGHUP end the run KILLED, as Ctrl-C does
+            if a.command == 'demo': demo(s, synthetic=a.synthetic, device=a.device, **opts)
+            else:
+                run_training(s, data=a.data, synthetic=a.synthetic, resume=a.resume, register=a.register,
+                             alias=a.alias, onnx=a.onnx, device=a.device, work_dir=a.work_dir, **opts)
+    except (DataError, ValueError, TypeError, OSError) as e:  # OSError: a full or read-only store, named
         print(f"coronary-mlops {a.command}: {e}", file=sys.stderr); return 2
-    except KeyboardInterrupt:
-        print(f"coronary-mlops {a.command}: interrupted; the run ends KILLED and keeps its last checkpoint",
-              file=sys.stderr)
-        return 130
+    except NonFiniteLossError as e:  # the run ended FAILED with its last good checkpoint
+        print(f"coronary-mlops {a.command}: {e}", file=sys.stderr); return 1
+    except KeyboardInterrupt as e:
+        how = f"terminated by {e}" if isinstance(e, Terminated) else 'interrupted'
+        print(f"coronary-mlops {a.command}: {how}; the run ends KILLED and keeps its last checkpoint", file=sys.stderr)
+        return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
     return 0

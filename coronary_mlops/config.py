@@ -22,6 +22,9 @@ from mlflow.exceptions import MlflowException
 # the kit does for every fresh embedded store; only its warnings and errors are shown. Raise it back with
 # logging.getLogger('mlflow.store.db.utils').setLevel(logging.INFO)
 logging.getLogger('mlflow.store.db.utils').setLevel(logging.WARNING)
+# The kit's own warnings are shown whatever level the root logger has: importing mlflow.pytorch runs
+# logging.basicConfig(level=ERROR), after which a warning such as "No test metrics: ..." was never even created
+logging.getLogger('coronary_mlops').setLevel(logging.WARNING)
 
 # %% auto #0
 __all__ = ['SECTIONS', 'DEFAULTS', 'SECTION_OF', 'ENV_ALIASES', 'ENV_PREFIX', 'LOCATOR_VARS', 'SECRET_MARKERS', 'REDACTED',

@@ -22,10 +22,11 @@ from monai.transforms import (CastToTyped, Compose, CropForegroundd, EnsureChann
                               MapTransform)
 
 # %% auto #0
-__all__ = ['VOLUME_FILES', 'IMAGE_DIRS', 'LABEL_DIRS', 'CT_WINDOW', 'LPS_LABELS', 'CACHE_DTYPES', 'CACHE_BYTES_PER_VOXEL',
-           'PhantomConfig', 'make_phantom', 'save_nifti', 'generate_phantoms', 'DataError', 'discover', 'read_header',
-           'check_pairs', 'dataset_digest', 'split_cases', 'CheckBinaryLabeld', 'find_cause', 'ToFloat', 'transforms',
-           'ras_geometry', 'ras_spacing', 'fingerprint', 'plan_preprocessing', 'available_memory', 'preprocessed_bytes',
+__all__ = ['VOLUME_FILES', 'IMAGE_DIRS', 'LABEL_DIRS', 'MAX_TURN_DEG', 'CT_WINDOW', 'LPS_LABELS', 'CACHE_DTYPES',
+           'CACHE_BYTES_PER_VOXEL', 'PhantomConfig', 'make_phantom', 'save_nifti', 'generate_phantoms', 'DataError',
+           'discover', 'read_header', 'read_geometry', 'geometry_mismatch', 'geometry_drift', 'check_pairs',
+           'dataset_digest', 'split_cases', 'label_problem', 'VesselLabeld', 'FillNonFinited', 'find_cause', 'ToFloat',
+           'transforms', 'ras_geometry', 'fingerprint', 'plan_preprocessing', 'available_memory', 'preprocessed_bytes',
            'cache_plan', 'datasets']
 
 # %% ../nbs/api/04_data.ipynb #b6192bda
@@ -246,13 +247,57 @@ def read_header(path:str) -> tuple[tuple, tuple]:
                         "For a 4-D series (cardiac phases), save the phase to train on as its own file.")
     return shape, spacing
 
+
+# %% ../nbs/api/04_data.ipynb #fe9f7e93
+MAX_TURN_DEG = 1.0  # a label grid turned more than this against its image is refused
+
+def read_geometry(path:str) -> tuple[tuple, np.ndarray]:
+    "(shape, 4×4 affine in RAS mm) of a 3-D volume from its header: where each voxel lies, as MONAI's readers place it"
+    shape = read_header(path)[0]
+    if not path.lower().endswith('.nrrd'): return shape, np.asarray(nib.load(path).affine, float)
+    import nrrd
+    h, a = nrrd.read_header(path), np.eye(4)
+    if missing := [k for k in ('space directions', 'space origin') if k not in h]:
+        raise DataError(f"{path} has no {' or '.join(repr(k) for k in missing)} in its NRRD header, so MONAI's reader "
+                        "cannot place it. Write the header's spacing, directions and origin (e.g. with SimpleITK).")
+    a[:3, :3] = np.asarray(h['space directions'], float).T
+    a[:3, 3] = np.asarray(h['space origin'], float)
+    # as MONAI's NrrdReader: LPS when the header names it *or names no space*; any other space is taken as RAS
+    lps = h.get('space', 'left-posterior-superior') == 'left-posterior-superior'
+    return shape, np.diag([-1.0, -1.0, 1.0, 1.0]) @ a if lps else a
+
+# %% ../nbs/api/04_data.ipynb #83907d7d
+def _floats(v) -> tuple: return tuple(round(float(x), 4) for x in v)
+
+def geometry_mismatch(image:str, label:str, atol_mm:float=1e-3) -> str|None:
+    "Why `label`'s voxels cannot be paired with `image`'s: shape, spacing, or axes flipped, swapped or turned; or None"
+    (si, ai), (sl, al) = read_geometry(image), read_geometry(label)
+    if si != sl: return f"Shapes differ: image {image} is {si}, label {label} is {sl}"
+    pi, pl = np.linalg.norm(ai[:3, :3], axis=0), np.linalg.norm(al[:3, :3], axis=0)
+    if not np.allclose(pi, pl, atol=atol_mm):
+        return f"Spacings differ: image {image} has {_floats(pi)} mm, label has {_floats(pl)} mm"
+    codes = ''.join(nib.aff2axcodes(ai)), ''.join(nib.aff2axcodes(al))
+    deg = float(np.degrees(np.arccos(np.clip(((ai[:3, :3] / pi) * (al[:3, :3] / pl)).sum(0), -1, 1))).max())
+    if codes[0] != codes[1] or deg > MAX_TURN_DEG:
+        return (f"Axis directions differ by up to {deg:.1f}°: image {image} is {codes[0]}, label {label} is "
+                f"{codes[1]}. If the voxels line up, the label's header is wrong: save the label again with the "
+                "image's affine")
+    return None
+
+def geometry_drift(image:str, label:str) -> str|None:
+    "How far `label`'s header places its grid from `image`'s, when more than half a voxel or a tenth of a degree"
+    (_, ai), (_, al) = read_geometry(image), read_geometry(label)
+    shift = np.abs(np.linalg.solve(ai[:3, :3], al[:3, 3] - ai[:3, 3]))  # the origins' difference, in voxels
+    pi, pl = np.linalg.norm(ai[:3, :3], axis=0), np.linalg.norm(al[:3, :3], axis=0)
+    deg = float(np.degrees(np.arccos(np.clip(((ai[:3, :3] / pi) * (al[:3, :3] / pl)).sum(0), -1, 1))).max())
+    if shift.max() <= 0.5 and deg <= 0.1: return None
+    return (f"the label's header places it {shift.max():.1f} voxels and {deg:.1f}° away from the image's grid; "
+            "voxels are paired by index, as MONAI pairs them, so this is right if the label was drawn on this image")
+
 def check_pairs(cases:Sequence[dict], atol_mm:float=1e-3) -> list[dict]:
-    "`cases`, once every image/label pair has matching shapes and spacings; a `DataError` names the first that has not"
+    "`cases`, once every label can be paired voxel by voxel with its image; a `DataError` names the first that cannot"
     for c in tqdm(cases, desc='checking headers', leave=False, disable=len(cases) < 50):
-        (si, pi), (sl, pl) = read_header(c['image']), read_header(c['label'])
-        if si != sl: raise DataError(f"Shapes differ: image {c['image']} is {si}, label {c['label']} is {sl}")
-        if not np.allclose(pi, pl, atol=atol_mm):
-            raise DataError(f"Spacings differ: image {c['image']} has {pi} mm, label has {pl} mm")
+        if why := geometry_mismatch(c['image'], c['label'], atol_mm): raise DataError(why)
     return list(cases)
 
 # %% ../nbs/api/04_data.ipynb #9e234bd1
@@ -286,18 +331,45 @@ def split_cases(cases:Sequence[dict], fractions:Sequence[float]=(0.7, 0.15, 0.15
     return {k: [order[i] for i in sorted(p)] for k, p in zip(('train', 'val', 'test'), parts)}
 
 # %% ../nbs/api/04_data.ipynb #b60e0163
-class CheckBinaryLabeld(MapTransform):
-    "Fail with a clear message unless the label holds only 0 and 1"
+def label_problem(values:Sequence[float], # the distinct values a label holds
+                  merge:bool=False,       # several non-zero classes are one vessel class
+                 ) -> str|None:           # why, or None
+    "Why a label holding `values` cannot be read as a binary vessel mask, or None: one non-zero value is vessel"
+    vals = sorted(set(float(v) for v in values), key=lambda v: (math.isfinite(v), v))
+    if bad := [v for v in vals if not math.isfinite(v) or v != int(v)]:
+        return (f"holds values that are not whole numbers ({', '.join(f'{v:.10g}' for v in bad[:3])}): a probability map, "
+                "or a mask resampled with linear interpolation. Threshold it, or resample it with nearest neighbour")
+    if neg := [int(v) for v in vals if v < 0]: return f"holds negative values {neg[:5]}: it is not a mask"
+    if len(pos := [int(v) for v in vals if v > 0]) > 1 and not merge:
+        return (f"holds {len(pos)} classes {pos[:8]}: a multi-label mask (e.g. left and right coronary trees). Train "
+                "them as one vessel class with --merge-labels (TrainConfig(merge_labels=True)), or map them to 0/1")
+    return None
+
+# %% ../nbs/api/04_data.ipynb #bf13fa0a
+class VesselLabeld(MapTransform):
+    "The label as a 0/1 vessel mask by `label_problem`'s rule; a label it refuses is a `DataError` naming the file"
+    def __init__(self, keys, merge:bool=False, allow_missing_keys:bool=False):
+        super().__init__(keys, allow_missing_keys); self.merge = merge
     def __call__(self, data):
         d = dict(data)
         for k in self.key_iterator(d):
-            vals = [int(v) if float(v).is_integer() else float(v) for v in torch.unique(torch.as_tensor(d[k])).tolist()]
-            if not set(vals) <= {0, 1}:
-                src = getattr(d[k], 'meta', {}).get('filename_or_obj', k)
-                raise DataError(f"Label {src} is not binary: it holds {vals[:10]}. "
-                                "Map vessel classes to 1 and the rest to 0 first.")
+            vals = torch.unique(torch.as_tensor(d[k])).tolist()
+            if why := label_problem(vals, self.merge):
+                raise DataError(f"Label {getattr(d[k], 'meta', {}).get('filename_or_obj', k)} {why}")
+            if not set(vals) <= {0, 1}: d[k] = (d[k] > 0).to(d[k].dtype)  # a MetaTensor stays one
         return d
 
+class FillNonFinited(MapTransform):
+    "NaN and infinite voxels set to the lowest finite value: what resampling leaves outside the scanned field is air"
+    def __call__(self, data):
+        d = dict(data)
+        for k in self.key_iterator(d):
+            ok = torch.isfinite(d[k])
+            if not bool(ok.all()):
+                d[k] = d[k].clone(); d[k][~ok] = d[k][ok].min() if bool(ok.any()) else 0.0
+        return d
+
+# %% ../nbs/api/04_data.ipynb #4b9118bc
 def find_cause(e:BaseException, kind=None) -> BaseException|None:
     "The first exception of type `kind` (default `DataError`) in `e`'s chain (MONAI wraps a transform's errors)"
     kind = kind or DataError
@@ -323,10 +395,12 @@ def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random 
                window=CT_WINDOW,            # the CT window (HU) mapped to [0, 1]
                train:bool=True,             # add random patches and augmentation
                num_samples:int=2,           # random patches per volume when `train`
+               merge_labels:bool=False,     # several non-zero label classes are one vessel class
               ) -> Compose:
     "MONAI dictionary transforms for coronary CTA: load, orient, resample, window, crop; random patches when `train`"
     keys = ['image', 'label']
-    t = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), CheckBinaryLabeld('label'),
+    t = [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), VesselLabeld('label', merge_labels),
+         FillNonFinited('image'),
          Orientationd(keys, axcodes='RAS', labels=LPS_LABELS),
          Spacingd(keys, pixdim=pixdim, mode=('bilinear', 'nearest')),
          ScaleIntensityRanged('image', a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True),
@@ -345,20 +419,11 @@ def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random 
 # %% ../nbs/api/04_data.ipynb #p970d49d
 def ras_geometry(path:str) -> tuple[tuple, tuple]:
     "A volume's shape and spacing (mm) in RAS order, as `Orientationd('RAS')` leaves them, from its header"
-    shape = read_header(path)[0]
-    if path.lower().endswith('.nrrd'):
-        import nrrd
-        h = nrrd.read_header(path)
-        affine = np.eye(4); affine[:3, :3] = np.asarray(h['space directions'], float).T
-    else: affine = nib.load(path).affine
+    shape, affine = read_geometry(path)
     zooms = np.linalg.norm(affine[:3, :3], axis=0)
     sh, sp = [0] * 3, [0.0] * 3
     for i, (ax, _) in enumerate(nib.orientations.io_orientation(affine)): sh[int(ax)], sp[int(ax)] = shape[i], zooms[i]
     return tuple(int(n) for n in sh), tuple(round(float(z), 5) for z in sp)  # float32 headers: 0.4 is 0.40000000596
-
-def ras_spacing(path:str) -> tuple:
-    "A volume's spacing (mm) in RAS axis order, from its header"
-    return ras_geometry(path)[1]
 
 def fingerprint(cases:Sequence[dict],  # `{image, label}` pairs
                 sample:int=8,          # cases whose voxels are read
@@ -432,16 +497,20 @@ def datasets(cases:Sequence[dict],          # `[{image, label}]`, e.g. from `dis
              cache_budget_gb:float=0.0,     # memory the cache may take; 0: half the available memory
              cache_dir=None,                # the disk cache's folder when over budget; a temporary one if None
              window=CT_WINDOW,              # the CT window (HU) mapped to [0, 1]
+             merge_labels:bool=False,       # several non-zero label classes are one vessel class
             ) -> dict:                      # the three datasets, `split` (their case paths) and `cache` (`cache_plan`)
     "`{'train', 'val', 'test'}` MONAI datasets, `'split'` (the case paths) and `'cache'` (where they are cached)"
     split = split_cases(check_pairs(cases), fractions, seed)
     plan = cache_plan(cases, pixdim, cache_budget_gb) if cache else dict(mode='none')
     if plan['mode'] == 'disk':
-        key = hashlib.sha256(json.dumps([list(pixdim), list(window), str(CACHE_DTYPES)]).encode()).hexdigest()[:12]
+        # what the cached arrays depend on; 'nan-filled' marks the caches made since non-finite voxels are filled
+        what = [list(pixdim), list(window), str(CACHE_DTYPES), 'nan-filled'] + (['merged'] if merge_labels else [])
+        key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:12]
         plan['dir'] = str(Path(cache_dir or tempfile.mkdtemp(prefix='coronary-cache-'))/f"pixdim-window-{key}")
     def make(part):
         data = [{'image': c['image'], 'label': c['label'], 'case': Path(c['image']).name} for c in split[part]]
-        t = transforms(roi_size, pixdim, window, train=(part == 'train'), num_samples=num_samples)
+        t = transforms(roi_size, pixdim, window, train=(part == 'train'), num_samples=num_samples,
+                       merge_labels=merge_labels)
         if plan['mode'] == 'memory':
             # no deep copy of a cached case per access: the random part (crop, then `ToFloat`) never writes into it
             return CacheDataset(data, t, cache_rate=1.0, num_workers=num_workers, progress=progress, copy_cache=False)

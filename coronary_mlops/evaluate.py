@@ -10,11 +10,12 @@ import csv, math, warnings
 from pathlib import Path
 from typing import Sequence
 import numpy as np
-import nibabel as nib
 import torch
 from skimage.morphology import skeletonize
 from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
 from tqdm.auto import tqdm
+from .check import read_voxels
+from .data import read_header
 from .predict import Segmenter
 
 # MONAI 1.5-1.6's own get_edge_surface_distance (behind HausdorffDistanceMetric and compute_hausdorff_distance) passes
@@ -71,10 +72,9 @@ def evaluate_cases(seg:Segmenter,           # the model with its preprocessing
     "Segment each case's image and score it against its label, on the label's own grid and spacing"
     rows = []
     for c in tqdm(cases, desc='test cases (original grid)', unit='case', disable=not progress, leave=False):
-        lab = nib.load(c['label'])
-        mask = seg(c['image'])['mask']
-        rows.append(dict(case=Path(c['image']).name, **case_metrics(mask, np.asanyarray(lab.dataobj).squeeze(),
-                                                                      lab.header.get_zooms()[:3])))
+        mask = seg(c['image'])['mask']  # NIfTI or NRRD: the label is read as MONAI read the image, axes as stored
+        rows.append(dict(case=Path(c['image']).name, **case_metrics(mask, read_voxels(c['label'], scaled=False),
+                                                                      read_header(c['label'])[1])))
     return rows
 
 def summarize(rows:Sequence[dict], prefix:str='test_') -> dict:

@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/predict.html.md"""
 
 # %% ../nbs/api/04a_predict.ipynb #33f2057a
 from __future__ import annotations
-import os, re, tempfile
+import logging, os, re, tempfile
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Sequence
@@ -22,13 +22,18 @@ from monai.transforms import Compose, Invertd, LoadImage, Orientationd, ScaleInt
 from tqdm.auto import tqdm
 import coronary_mlops
 from .config import Settings, load_settings, redact_uri
-from .data import CT_WINDOW, LABEL_DIRS, LPS_LABELS, VOLUME_FILES, DataError, read_header
+from .check import image_findings
+from .data import (CT_WINDOW, LABEL_DIRS, LPS_LABELS, VOLUME_FILES, DataError, FillNonFinited,
+                                 read_header)
 from .reader import quiet_downloads
 from .registry import find_model_uri, log_pyfunc, resolving_in
 
 # %% auto #0
 __all__ = ['Preprocessing', 'unet', 'InputError', 'check_ct', 'load_ct', 'inference_transforms', 'Segmenter', 'case_name',
            'collect_inputs', 'check_outputs', 'predict_files', 'SegmenterModel', 'log_segmenter', 'load_segmenter']
+
+# %% ../nbs/api/04a_predict.ipynb #2f768d03
+log = logging.getLogger('coronary_mlops.predict')
 
 # %% ../nbs/api/04a_predict.ipynb #6501495b
 @dataclass
@@ -64,18 +69,14 @@ def unet(channels=(16, 32, 64, 128), # feature channels, one per level
 class InputError(ValueError):
     "An input the model cannot segment; the message names it and says why"
 
-def check_ct(x:torch.Tensor, name:str) -> torch.Tensor:
-    "`x` if it looks like CT in HU; an `InputError` naming `name` if it looks like a label mask or not like CT"
-    v = x.reshape(-1)[::97].float()  # a sample: enough to tell, cheap on 65 M voxels
-    vals = torch.unique(v)
-    if len(vals) <= 16 and vals[0] >= 0 and bool((vals == vals.round()).all()):  # a few classes, none negative
-        raise InputError(f"{name} looks like a label mask, not a CT: it holds only the values "
-                         f"{[int(a) for a in vals.tolist()[:8]]}. Give the image (e.g. N.img.nii.gz), not its label.")
-    lo, hi = float(x.min()), float(x.max())
-    if lo > -300:
-        raise InputError(f"{name} does not look like a CT in Hounsfield units: its values run from {lo:g} to {hi:g}, "
-                         "and a chest CT has air and lung below -300 HU. Is it an MR image, or already normalised?")
-    return x
+def check_ct(x:torch.Tensor, # (1, x, y, z) in HU
+             name:str,       # the file, for the messages
+            ) -> torch.Tensor:
+    "`x` by the rules training's data passed (`check.image_findings`): refused as an `InputError`; warned in the log"
+    found = image_findings(x[0].detach().cpu().numpy(), name)
+    if errors := [f.message for f in found if f.level == 'error']: raise InputError(errors[0])
+    for f in found: log.warning(f.message)  # e.g. a CT cropped to the heart: segmented all the same
+    return FillNonFinited('image')({'image': x})['image']  # NaN outside the body is air, as in training
 
 def load_ct(image,              # a NIfTI/NRRD path, or a 3-D array in HU
             spacing=None,       # the array's voxel spacing (mm); required for an array

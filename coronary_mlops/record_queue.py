@@ -14,9 +14,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 from fastcore.basics import patch
 from .config import is_permanent, probe_server, redact_text, redact_uri
+from .layout import copy_inside
+from .storage import disk_error, write_atomic
 
 # %% auto #0
-__all__ = ['TrackerError', 'TrackerPermissionError', 'kit_error', 'Unsent', 'batches', 'RecordQueue', 'describe']
+__all__ = ['TrackerError', 'TrackerPermissionError', 'kit_error', 'Unsent', 'batches', 'RecordQueue', 'describe', 'seq_of']
 
 # %% ../nbs/api/02a_record_queue.ipynb #474b7563
 log = logging.getLogger('coronary_mlops.tracker')
@@ -95,7 +97,8 @@ class RecordQueue:
         self.io, self._spool_lock = threading.RLock(), threading.Lock()
         self._wake, self._stop, self._thread = threading.Event(), threading.Event(), None
         self.online, self._next_probe = None, 0.0
-        self.stats = dict(sent=0, spooled=0, replayed=0, spills=0, rejected=0)
+        self.stats = dict(sent=0, spooled=0, replayed=0, spills=0, rejected=0, torn=0)
+        self._seq = 0  # the last segment sequence number this process wrote
 
     @property
     def is_server(self) -> bool: return self.tracking_uri.startswith(('http://', 'https://'))
@@ -158,7 +161,7 @@ def cycle(self:RecordQueue):
         if self.online and not self.spooled_segments():
             try: self.send_records(recs); return
             except Unsent as u: recs = u.records; self.online = False; self._next_probe = time.monotonic() + 1.0
-        self.spool_write(recs); self.stats['spooled'] += len(recs)
+        self.keep(recs)
 
 # %% ../nbs/api/02a_record_queue.ipynb #5a475a81
 def _size(step) -> int: return len(step[5]) if step[0] == 'batch' else 1
@@ -237,6 +240,18 @@ def raise_errors(self:RecordQueue):
         errs, self.errors = self.errors, []
         raise errs[0]
 
+# %% ../nbs/api/02a_record_queue.ipynb #123636d9
+def seq_of(name:str) -> int:
+    "The sequence number a segment's name starts with (-1 for a name without one)"
+    head = name.split('-', 1)[0]
+    return int(head) if head.isdigit() else -1
+
+@patch
+def _next_name(self:RecordQueue, d:Path) -> str:
+    "A new segment's name in run folder `d`: one past the highest sequence there and the last this process wrote"
+    self._seq = max(self._seq, max((seq_of(f.name) for f in d.glob('*.jsonl')), default=0)) + 1
+    return f"{self._seq:020d}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
+
 # %% ../nbs/api/02a_record_queue.ipynb #3352c57d
 @patch
 def spool_write(self:RecordQueue, recs:list):
@@ -246,13 +261,8 @@ def spool_write(self:RecordQueue, recs:list):
     with self._spool_lock:
         for run, rs in by_run.items():
             d = self.spool_dir/run; d.mkdir(parents=True, exist_ok=True)
-            name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:6]}.jsonl"
             rs = [self._stage_file(r, d) if r[1] == 'a' else r for r in rs]
-            tmp = d/f".{name}.tmp"
-            with open(tmp, 'w') as f:
-                for r in rs: f.write(json.dumps(list(r), allow_nan=True) + '\n')
-                f.flush(); os.fsync(f.fileno())
-            os.replace(tmp, d/name)
+            write_atomic(d/self._next_name(d), ''.join(json.dumps(list(r), allow_nan=True) + '\n' for r in rs))
 
 @patch
 def _stage_file(self:RecordQueue, r, d:Path):
@@ -261,22 +271,38 @@ def _stage_file(self:RecordQueue, r, d:Path):
     if d in src.parents: return r
     dst = d/'files'/uuid.uuid4().hex/src.name
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
+    copy_inside(src, dst) if src.is_dir() else shutil.copy2(src, dst)  # links out of a folder stay out
     return (r[0], 'a', str(dst), r[3], r[4])
+
+# %% ../nbs/api/02a_record_queue.ipynb #5a86aa60
+@patch
+def keep(self:RecordQueue, recs:list) -> bool:
+    "Spool `recs`; if the disk refuses, put them back at the front of the queue, keep an error for `flush`; False"
+    try: self.spool_write(recs)
+    except OSError as e:
+        self.buf.extendleft(reversed(recs))
+        err = TrackerError(f"{len(self.buf)} records could be neither sent nor spooled: "
+                           f"{disk_error(e, self.spool_dir, None, 'the spool').strerror}. They wait in memory "
+                           "and are spooled or sent once there is room.")
+        if not any(str(x) == str(err) for x in self.errors): self.errors.append(err)
+        log.warning("%s", err)
+        return False
+    self.stats['spooled'] += len(recs)
+    return True
 
 # %% ../nbs/api/02a_record_queue.ipynb #b1e42589
 @patch
 def _spill(self:RecordQueue):
     "The cap: move the whole queue to the spool in one write"
     recs = self._take()
-    if recs: self.spool_write(recs); self.stats['spills'] += 1; self.stats['spooled'] += len(recs); self._wake.set()
+    if recs and self.keep(recs): self.stats['spills'] += 1; self._wake.set()
 
 @patch
 def spooled_segments(self:RecordQueue, run:str|None=None) -> list[Path]:
     "Spool segments waiting to be replayed, oldest first"
     if not self.spool_dir.exists(): return []
     dirs = [self.spool_dir/run] if run else [d for d in self.spool_dir.iterdir() if d.is_dir() and d.name != 'rejected']
-    return sorted((f for d in dirs for f in d.glob('*.jsonl')), key=lambda f: f.name)
+    return sorted((f for d in dirs for f in d.glob('*.jsonl')), key=lambda f: (seq_of(f.name), f.name))
 
 @patch(as_prop=True)
 def pending(self:RecordQueue) -> int:
@@ -286,22 +312,61 @@ def pending(self:RecordQueue) -> int:
         with open(f) as fh: n += sum(1 for _ in fh)
     return n
 
+# %% ../nbs/api/02a_record_queue.ipynb #eec2dad7
+def _record(line:str) -> tuple:
+    "One spooled record from its line; ValueError if the line is not one"
+    r = json.loads(line)
+    if not (isinstance(r, list) and len(r) >= 3 and isinstance(r[0], str) and isinstance(r[1], str)):
+        raise ValueError(f"not a record: {line[:60]!r}")
+    return tuple(r)
+
+@patch
+def read_segment(self:RecordQueue, seg:Path) -> list[tuple]:
+    "The records in spool segment `seg`; lines that cannot be read are set aside in `rejected/`, saying why"
+    good, bad = [], []
+    for n, line in enumerate(seg.read_text(errors='replace').splitlines(), 1):
+        if not line.strip(): continue
+        try: good.append(_record(line))
+        except (ValueError, TypeError) as e: bad.append(dict(segment=str(seg), line=n, why=str(e), text=line))
+    if bad:
+        d = self.spool_dir/'rejected'; d.mkdir(parents=True, exist_ok=True)
+        f = d/f"{seg.parent.name}-{seg.stem}.torn"
+        write_atomic(f, ''.join(json.dumps(b) + '\n' for b in bad)); self.stats['torn'] += len(bad)
+        log.warning("Spool segment %s: %d line(s) cannot be read (line %d: %s); set aside in %s. Its other %d "
+                    "records go on.", seg, len(bad), bad[0]['line'], bad[0]['why'], f, len(good))
+    return good
+
 # %% ../nbs/api/02a_record_queue.ipynb #6c67f59a
 @patch
 def replay(self:RecordQueue):
     "Send spooled segments in order, deleting each once it is in the store; ConnectionError if the store fails"
     while segs := self.spooled_segments():
         seg = segs[0]
-        recs = [tuple(json.loads(l)) for l in seg.read_text().splitlines() if l.strip()]
+        recs = self.read_segment(seg)
         try: self.send_records(recs, replay=True)
         except Unsent as u:
             with self._spool_lock:  # keep only what did not go through, under the segment's own name
-                tmp = seg.with_name(f".{seg.name}.tmp")
-                tmp.write_text(''.join(json.dumps(list(r)) + '\n' for r in u.records)); os.replace(tmp, seg)
+                write_atomic(seg, ''.join(json.dumps(list(r)) + '\n' for r in u.records))
             raise ConnectionError(f"store unreachable while replaying {seg}") from u.__cause__
         seg.unlink()
         d = seg.parent
         if not any(d.glob('*.jsonl')) and not (d/'run_id').exists(): shutil.rmtree(d/'files', ignore_errors=True)
+
+# %% ../nbs/api/02a_record_queue.ipynb #7eeaa2c3
+@patch
+def set_aside(self:RecordQueue) -> list[Path]:
+    "The files of records set aside: refused by the store (`.jsonl`) or unreadable (`.torn`)"
+    d = self.spool_dir/'rejected'
+    return sorted(f for f in d.iterdir() if f.suffix in ('.jsonl', '.torn')) if d.is_dir() else []
+
+@patch
+def retry_rejected(self:RecordQueue) -> int:
+    "Put the records the store refused back in the spool, to be sent again; return how many"
+    n = 0
+    for f in [f for f in self.set_aside() if f.suffix == '.jsonl']:
+        if recs := self.read_segment(f): self.spool_write(recs)
+        f.unlink(); n += len(recs)
+    return n
 
 # %% ../nbs/api/02a_record_queue.ipynb #cbb16254
 @patch
@@ -336,5 +401,7 @@ def stop(self:RecordQueue, timeout:float=10):
     self._stop.set(); self._wake.set()
     if self._thread is not None: self._thread.join(timeout=timeout)
     if recs := self._take():  # whatever could not be sent in time waits in the spool: nothing is dropped
-        self.spool_write(recs); self.stats['spooled'] += len(recs)
-        log.warning("%s records not yet in the store were kept in %s; sync() sends them", len(recs), self.spool_dir)
+        if self.keep(recs):
+            log.warning("%s records not yet in the store were kept in %s; sync() sends them", len(recs), self.spool_dir)
+        else: log.error("%s records could be neither sent nor spooled and are lost with this process: %s",
+                        len(self.buf), self.errors[-1] if self.errors else 'the spool cannot be written')

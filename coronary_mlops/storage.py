@@ -6,7 +6,8 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/storage.html.md"""
 
 # %% ../nbs/api/01b_storage.ipynb #b3f0f355
 from __future__ import annotations
-import contextlib, gzip, hashlib, json, math, mmap, os, pickle, re, socket, subprocess, sys, uuid
+import contextlib, errno, gzip, hashlib, json, math, mmap, os, pickle, re, shutil, socket, subprocess, sys
+import tempfile, uuid
 from dataclasses import asdict, is_dataclass
 from datetime import date, datetime
 from enum import Enum
@@ -20,8 +21,9 @@ from .config import redact
 # %% auto #0
 __all__ = ['NONFINITE', 'CHUNK', 'to_jsonable', 'dumps_json', 'read_json', 'sha256_file', 'is_gzip', 'gunzip_sha256', 'gzip_file',
            'pid_alive', 'sweep_stale_temps', 'atomic_torch_save', 'UnsafeCheckpointError', 'load_checkpoint',
-           'snapshot_state', 'state_tensors', 'Slab', 'read_slab', 'skeleton', 'from_skeleton', 'software_versions',
-           'training_context', 'fmt_value', 'epoch_summary', 'CheckpointPolicy']
+           'write_atomic', 'snapshot_state', 'state_tensors', 'disk_error', 'Slab', 'read_slab', 'check_writable',
+           'skeleton', 'from_skeleton', 'software_versions', 'training_context', 'fmt_value', 'epoch_summary',
+           'CheckpointPolicy']
 
 # %% ../nbs/api/01b_storage.ipynb #cb2211c7
 NONFINITE = {'NaN': math.nan, 'Infinity': math.inf, '-Infinity': -math.inf}
@@ -136,6 +138,16 @@ def load_checkpoint(path, map_location='cpu'):
             f"({str(e).splitlines()[-1][:200]}). Do not load it with weights_only=False: that would run code from "
             "the file. Re-save the model's state_dict() instead.") from None
 
+# %% ../nbs/api/01b_storage.ipynb #8195040b
+def write_atomic(path:Path, text:str):
+    "Write `text` to `path` through a temporary file, fsynced, then renamed over it"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True); raise
+
 # %% ../nbs/api/01b_storage.ipynb #a21403d7
 def _copy_into(buf:torch.Tensor, t:torch.Tensor) -> torch.Tensor:
     "Copy `t` into `buf`: CPU tensors with one memcpy on this thread, others with `copy_`"
@@ -173,6 +185,23 @@ def state_tensors(state):
 
 # %% ../nbs/api/01b_storage.ipynb #6ecc6685
 _PAGE = mmap.PAGESIZE
+_NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+def disk_error(e:OSError,            # what the write raised
+               folder,                # the folder it wrote into
+               need:int|None=None,    # bytes the write needed, when known
+               what:str='the write',  # what was being written, for the message
+              ) -> OSError:           # `e` itself unless the disk is full, over quota or read-only
+    "`e` as an OSError that names `folder` and, for a full disk, how much `what` needs and how much is free"
+    if e.errno not in _NO_ROOM: return e
+    if e.errno == errno.EROFS: why = f"{folder} is on a read-only file system"
+    else:
+        try: free = shutil.disk_usage(folder).free
+        except OSError: free = None
+        why = (f"{folder} is full" + (f" ({free / 2**20:,.1f} MB free" if free is not None else ' (')
+               + (f", {what} needs {need / 2**20:,.1f} MB)" if need else ')'))
+    return OSError(e.errno, f"{why}: {what} could not be written. Free space there or point store_dir elsewhere; "
+                   "what was logged before is kept")
 
 class Slab:
     "A file in the staging folder, mapped into memory, with one page-aligned region per tensor of a state"
@@ -182,7 +211,14 @@ class Slab:
             nb = math.prod(shape) * dtype.itemsize
             self.layout.append([off, str(dtype).removeprefix('torch.'), list(shape)]); off += -(-nb // _PAGE) * _PAGE
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, 'wb') as f: f.truncate(max(off, 1))
+        try:
+            with open(self.path, 'wb') as f:
+                f.truncate(max(off, 1))
+                # the blocks are taken now: a full disk is an OSError here, not a SIGBUS when the mapping is written
+                if off: os.posix_fallocate(f.fileno(), 0, off)
+        except OSError as e:
+            self.path.unlink(missing_ok=True)
+            raise disk_error(e, self.path.parent, off, "an epoch's snapshot") from None
         self.tensors = [self._view(o, shape, dtype) for (o, _, _), (shape, dtype) in zip(self.layout, key)]
 
     def _view(self, off:int, shape:tuple, dtype:torch.dtype) -> torch.Tensor:
@@ -203,6 +239,16 @@ def read_slab(path, layout:list) -> list[torch.Tensor]:
         if a.size != nb: raise ValueError(f"{path} is shorter than its layout says ({a.size} of {nb} bytes at {off})")
         out.append(torch.from_numpy(a).view(dt).view(shape))
     return out
+
+# %% ../nbs/api/01b_storage.ipynb #48eb332c
+def check_writable(folder) -> Path:
+    "`folder` (created if missing) once a file can be created in it; else `disk_error`'s one-line OSError"
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix='.write-probe-'); os.close(fd); os.unlink(probe)
+    except OSError as e: raise disk_error(e, folder, None, 'the store') from None
+    return folder
 
 # %% ../nbs/api/01b_storage.ipynb #dd710cf1
 def skeleton(state, n:list|None=None):

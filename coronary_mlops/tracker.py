@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/tracker.html.md"""
 
 # %% ../nbs/api/02_tracker.ipynb #8cd927a6
 from __future__ import annotations
-import atexit, contextlib, hashlib, json, logging, math, os, re, time, uuid, weakref
+import atexit, contextlib, hashlib, json, logging, math, os, re, tempfile, time, uuid, weakref
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,14 +21,15 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from fastcore.basics import patch
 from .config import (EXPERIMENT_KIND_TAG, MODEL_TRAINING, Settings, load_settings, get_or_create_experiment,
                                    redact, redact_text, redact_uri, env_override, is_permanent)
-from .layout import TAG_END_REASON, TAG_OFFLINE_ID, check_key, check_name, metric_step, metric_value
+from .layout import (TAG_END_REASON, TAG_OFFLINE_ID, check_key, check_name, copy_inside, metric_step,
+                                   metric_value)
 from .storage import to_jsonable
 from .uploader import move_spooled_run
 from .artifacts import MLflowArtifactManager
 from .record_queue import RecordQueue, TrackerError, TrackerPermissionError, kit_error
 
 # %% auto #0
-__all__ = ['param_value', 'flatten_params', 'RunInfo', 'ParamConflictError', 'MLflowTracker', 'TrackedRun']
+__all__ = ['param_value', 'flatten_params', 'RunInfo', 'ParamConflictError', 'MLflowTracker', 'TrackedRun', 'value_file']
 
 # %% ../nbs/api/02_tracker.ipynb #57e26726
 log = logging.getLogger('coronary_mlops.tracker')
@@ -446,9 +447,15 @@ def log_metrics(self:MLflowTracker, metrics:Mapping, step:int|None=None, run_id:
     for k, v in metrics.items(): self.log_metric(k, v, step, run_id, ts)
 
 # %% ../nbs/api/02_tracker.ipynb #c90d80f3
+def value_file(kind:str, key:str) -> str:
+    "The artifact file of a too-long value of `key`: the key itself when it is a plain name, else one with its hash"
+    if re.fullmatch(r'[A-Za-z0-9._/-]+', key) and '..' not in key: return f"{kind}/{key}.txt"
+    # '~' never occurs in a plain name: `aug:rot`, `aug rot` and `aug_rot` get three files
+    return f"{kind}/{re.sub(r'[^A-Za-z0-9._/-]', '_', key)}~{hashlib.sha256(key.encode()).hexdigest()[:12]}.txt"
+
 def _ref(kind:str, key:str, value:str) -> tuple[str, str]:
     "(artifact file, reference value) for a value too long for MLflow"
-    f = f"{kind}/{key.replace(':', '_').replace(' ', '_')}.txt"
+    f = value_file(kind, key)
     return f, f"@artifact {f} ({len(value)} chars, sha256 {hashlib.sha256(value.encode()).hexdigest()[:12]})"
 
 @patch
@@ -517,7 +524,9 @@ def log_artifact(self:MLflowTracker, local_path, artifact_path:str|None=None, ru
     real = self.queue.ids.get(target) or self.queue.resolve(target)
     if real and not real.startswith('offline-') and (self.queue.online or self.probe()):
         try:
-            if src.is_dir(): return self.client.log_artifacts(real, str(src), artifact_path)
+            if src.is_dir():  # a symlink that leaves the folder is not followed, as in `log_epoch`
+                with tempfile.TemporaryDirectory(prefix='coronary-upload-') as d:
+                    return self.client.log_artifacts(real, str(copy_inside(src, d)), artifact_path)
             return self.client.log_artifact(real, str(src), artifact_path)
         except MlflowException as e:
             if is_permanent(e):

@@ -29,12 +29,13 @@ from monai.utils import set_determinism
 from torch.utils.data.distributed import DistributedSampler
 from .config import Settings, load_settings
 from .layout import (TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_STOP_REQUEST, TAG_STOPPED,
-                                   TAG_TASK)
-from .storage import snapshot_state
+                                   TAG_TASK, TAG_TEST_MISSING)
+from .storage import check_writable, snapshot_state
 from .artifacts import MLflowArtifactManager
 from .tracker import MLflowTracker
 from .uploader import Snapshot
-from .data import (CT_WINDOW, available_memory, check_pairs, dataset_digest, datasets, discover,
+from .check import DataReport, check_cases
+from .data import (CT_WINDOW, available_memory, dataset_digest, datasets, discover,
                                  find_cause, fingerprint, generate_phantoms, plan_preprocessing,
                                  PhantomConfig)
 from .evaluate import cldice, evaluate_cases, summarize, write_cases_csv
@@ -43,11 +44,12 @@ from . import registry
 
 # %% auto #0
 __all__ = ['PHANTOM_ROI', 'CURVES_BUDGET', 'TrainConfig', 'build_model', 'network_config', 'preprocessing', 'curves_figure',
-           'overlay_image', 'save_png', 'LiveCurves', 'pick_device', 'amp_dtype', 'TrainingOOMError', 'oom_hint',
-           'dist_info', 'DistContext', 'setup_process', 'evaluate', 'TrainResult', 'live_bars', 'patch_bytes_per_voxel',
-           'patch_memory', 'plan_patch', 'plan_run', 'make_datasets', 'cache_line', 'Loaders', 'make_loaders',
-           'TrainParts', 'build_parts', 'train_epoch', 'validate', 'EarlyStopping', 'save_volumes', 'EpochFiler',
-           'Monitor', 'run_description', 'version_tags', 'version_description', 'train']
+           'overlay_image', 'save_png', 'LiveCurves', 'pick_device', 'amp_dtype', 'NonFiniteLossError',
+           'TrainingOOMError', 'oom_hint', 'dist_info', 'DistContext', 'setup_process', 'evaluate', 'TrainResult',
+           'live_bars', 'patch_bytes_per_voxel', 'patch_memory', 'plan_patch', 'plan_run', 'make_datasets',
+           'cache_line', 'Loaders', 'make_loaders', 'TrainParts', 'build_parts', 'train_epoch', 'validate',
+           'EarlyStopping', 'save_volumes', 'EpochFiler', 'Monitor', 'run_description', 'version_tags',
+           'version_description', 'train']
 
 # %% ../nbs/api/05_train.ipynb #8774f92c
 log = logging.getLogger('coronary_mlops.train')
@@ -78,6 +80,7 @@ class TrainConfig:
     sw_batch_size:int = 2               # windows per forward pass of sliding-window inference
     overlap:float = 0.25                # overlap of neighbouring sliding windows
     fractions:tuple = (0.7, 0.15, 0.15) # train, validation and test shares of the cases
+    merge_labels:bool = False           # read several non-zero label classes (e.g. left and right trees) as one vessel
 
     def __post_init__(self):
         for k in ('epochs', 'batch_size', 'samples_per_case', 'val_interval', 'patience'):
@@ -242,6 +245,9 @@ def amp_dtype(device:torch.device, enabled:bool=True):
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 # %% ../nbs/api/05_train.ipynb #e18e372b
+class NonFiniteLossError(FloatingPointError):
+    "The training loss became NaN or infinite; the message names the epoch, the step and the cases of the batch"
+
 class TrainingOOMError(MemoryError):
     "The GPU ran out of memory; the message suggests a smaller ROI or batch"
 
@@ -374,10 +380,12 @@ class TrainResult:
     seconds:float = 0.0        # wall time
     test:dict = field(default_factory=dict) # held-out test metrics of the final model, on each case's own grid
     cases:list = field(default_factory=list) # the held-out test table: one row per case (`evaluate.case_metrics`)
+    test_missing:str|None = None # why there are no test metrics, when the held-out evaluation could not run
     def _repr_markdown_(self):
         return (f"run `{self.run_id}`: best validation Dice **{self.best_dice:.3f}** at epoch {self.best_epoch} "
                 f"({self.epochs_run} epochs, {self.seconds:.0f} s)"
                 + (f"; held-out test Dice {self.test['test_dice']:.3f}" if self.test else '')
+                + (f"; **no held-out test metrics**: {self.test_missing}" if self.test_missing else '')
                 + (f"; registered {self.registered}" if self.registered else ''))
 
 # %% ../nbs/api/05_train.ipynb #a7e0b1c2
@@ -445,19 +453,23 @@ def make_datasets(cfg:TrainConfig,                   # split fractions, seed, RO
                   phantom:PhantomConfig|None=None,   # what the phantoms look like
                   cache_dir=None,                    # the disk cache's folder when over budget (`datasets`)
                   device=None,                       # whose memory a planned patch must fit (`plan_run`)
-                 ) -> dict:                          # `datasets`' train, val, test, split and cache; `cfg` and `plan`
+                  progress:bool=False,               # show the data check's progress bar
+                 ) -> dict:                          # `datasets`' train, val, test, split, cache; `cfg`, `plan`, `check`
     "The run's datasets, from a checked, planned folder or from phantoms seeded by `cfg.seed`; bad data: `DataError`"
     if data_dir is not None and synthetic: raise ValueError("Pass data_dir or synthetic, not both")
     try:
-        if data_dir is not None: cases, phantom = check_pairs(discover(data_dir)), None
+        if data_dir is not None: cases, phantom = discover(data_dir), None
         else:
             phantom = phantom or PhantomConfig()
             cases = generate_phantoms(synthetic or 12, Path(work_dir)/'phantoms', seed=cfg.seed * 1000, config=phantom,
                                       progress=live_bars())
+        check = check_cases(cases, cfg.merge_labels, cache_dir if data_dir is not None else None, progress)
+        check.raise_for_errors()  # every refused case named, before any run exists
         cfg, plan = plan_run(cfg, cases, phantom, device)
         ds = datasets(cases, cfg.roi_size, cfg.pixdim, cfg.seed, cfg.cache, cfg.fractions, cfg.samples_per_case,
-                      cfg.num_workers, cache_budget_gb=cfg.cache_budget_gb, cache_dir=cache_dir, window=cfg.window)
-        return {**ds, 'cfg': cfg, 'plan': plan}
+                      cfg.num_workers, cache_budget_gb=cfg.cache_budget_gb, cache_dir=cache_dir, window=cfg.window,
+                      merge_labels=cfg.merge_labels)
+        return {**ds, 'cfg': cfg, 'plan': plan, 'check': check}
     except RuntimeError as e:
         raise (find_cause(e) or e) from None  # MONAI wraps a transform's error: show the DataError inside
 
@@ -521,14 +533,26 @@ def build_parts(cfg:TrainConfig, proc:DistContext|None=None, amp=None) -> TrainP
                       torch.amp.GradScaler('cuda', enabled=amp is torch.float16))
 
 # %% ../nbs/api/05_train.ipynb #f9cb64c9
-def _train_step(parts:TrainParts, x, y, cfg:TrainConfig, device, amp) -> torch.Tensor:
-    "One optimiser step on batch (x, y); running out of GPU memory is a `TrainingOOMError` that says what to change"
+def _train_step(parts:TrainParts, x, y, cfg:TrainConfig, proc:DistContext, amp) -> float:
+    "One optimiser step on batch (x, y), unless its loss is not finite; the loss, averaged over torchrun's processes"
     parts.opt.zero_grad(set_to_none=True)
     try:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None): loss = parts.loss_fn(parts.net(x), y)
-        parts.scaler.scale(loss).backward(); parts.scaler.step(parts.opt); parts.scaler.update()
-    except torch.cuda.OutOfMemoryError as e: raise TrainingOOMError(oom_hint(cfg, device)) from e
-    return loss
+        with torch.autocast(proc.device.type, dtype=amp, enabled=amp is not None): loss = parts.loss_fn(parts.net(x), y)
+        # a NaN loss would make every weight NaN: in one process the step is skipped, so the model stays as it was
+        # (under DDP every process must step, or the others wait for its gradients forever; the mean is NaN for all)
+        if proc.world > 1 or bool(torch.isfinite(loss)):
+            parts.scaler.scale(loss).backward(); parts.scaler.step(parts.opt); parts.scaler.update()
+    except torch.cuda.OutOfMemoryError as e: raise TrainingOOMError(oom_hint(cfg, proc.device)) from e
+    return _mean_across(loss.item(), proc.world, proc.device)
+
+def _nonfinite_loss(loss:float, batch:dict, step:int, desc:str) -> NonFiniteLossError:
+    "The error that ends a run whose loss is NaN: where (epoch, step, cases) and what to try"
+    cases = sorted(set(batch.get('case') or []))
+    return NonFiniteLossError(
+        f"The training loss is {loss} in {desc} (counted from 0, as the run's epoch folders; step {step})"
+        f"{' on ' + ', '.join(cases) if cases else ''}. The data was checked for NaN voxels before training, so the "
+        "model diverged: try a lower --lr, or --no-amp. The run ends FAILED and keeps the checkpoints of its "
+        "earlier epochs, if any.")
 
 def train_epoch(parts:TrainParts,   # model, loss, optimiser, schedule and scaler
                 loader,             # training batches of patches: `image` and `label`
@@ -543,8 +567,8 @@ def train_epoch(parts:TrainParts,   # model, loss, optimiser, schedule and scale
     "One pass over `loader`, then one step of the learning-rate schedule"
     parts.net.train(); losses = []
     for b in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        loss = _train_step(parts, b['image'].to(proc.device), b['label'].to(proc.device), cfg, proc.device, amp)
-        losses.append(_mean_across(loss.item(), proc.world, proc.device))
+        losses.append(_train_step(parts, b['image'].to(proc.device), b['label'].to(proc.device), cfg, proc, amp))
+        if not math.isfinite(losses[-1]): raise _nonfinite_loss(losses[-1], b, step, desc)
         if tracker is not None:
             tracker.log_metrics({'train/loss': losses[-1], 'train/lr': parts.opt.param_groups[0]['lr']}, step=step)
         step += 1
@@ -683,7 +707,8 @@ class _RunContext:
 
 _CONTEXTS = dict(train='training', val='validation', test='test')  # MLflow's `mlflow.data.context` values
 
-def _log_inputs(r:_RunContext, data_dir, split:dict, cache:dict|None=None, plan:dict|None=None):
+def _log_inputs(r:_RunContext, data_dir, split:dict, cache:dict|None=None, plan:dict|None=None,
+                check:DataReport|None=None):
     "The run's params (configuration, device, precision, data, case counts, digest), its split, and dataset inputs"
     root = Path(data_dir) if data_dir else Path(split['train'][0]['image']).parent
     name = root.name if data_dir else 'phantoms'
@@ -697,6 +722,9 @@ def _log_inputs(r:_RunContext, data_dir, split:dict, cache:dict|None=None, plan:
                               {'cases': len(cases), 'pixdim_mm': list(r.cfg.pixdim)})
     f = r.work/'split.json'; f.write_text(json.dumps(split, indent=1))
     r.tracker.log_artifact(f, 'data')
+    if check is not None:  # what the data check reported: the warnings the run was trained with
+        f = r.work/'check.json'; f.write_text(json.dumps(check.to_dict(), indent=1))
+        r.tracker.log_artifact(f, 'data')
 
 def _resume_state(tracker, run_id:str) -> dict:
     "The best checkpoint of the run to resume, checked against its manifest; read before the run is touched"
@@ -713,11 +741,11 @@ def _resume(tracker, run_id:str, parts:TrainParts, state:dict) -> tuple[int, flo
     return last + 1, max((d.value for d in history('val_dice')), default=-1.0), best_epoch, len(history('train/loss'))
 
 def _begin(r:_RunContext, parts:TrainParts, data_dir, split:dict, resume:dict|None,
-           cache:dict|None=None, plan:dict|None=None) -> tuple[EarlyStopping, range, int]:
+           cache:dict|None=None, plan:dict|None=None, check:DataReport|None=None) -> tuple[EarlyStopping, range, int]:
     "Log a new run's inputs, or reload the run being resumed; return (the decider, the epochs to run, the next step)"
     stopper, start, step = EarlyStopping(r.cfg.patience, r.cfg.min_delta), 0, 0
     if resume is not None: start, stopper.best, stopper.best_epoch, step = _resume(r.tracker, r.run_id, parts, resume)
-    else: _log_inputs(r, data_dir, split, cache, plan)
+    else: _log_inputs(r, data_dir, split, cache, plan, check)
     return stopper, range(start, start + r.cfg.epochs), step
 
 # %% ../nbs/api/05_train.ipynb #255835f1
@@ -793,14 +821,22 @@ def _end(r:_RunContext, model, test_cases:list, stopper:EarlyStopping, history:l
         dist.barrier(); dist.destroy_process_group()
     result = TrainResult(r.run_id, stopper.best, stopper.best_epoch, len(history), history)
     if r.proc.rank == 0 and _finish(r, model, result, onnx):  # the best weights are loaded: test them once
-        # on each case's own grid, as published tables are: the prediction is inverted back to it
-        seg = Segmenter(model, preprocessing(r.cfg), r.proc.device, r.amp)
-        result.cases = evaluate_cases(seg, test_cases, progress=r.progress and live_bars())
-        result.test = summarize(result.cases)
-        r.tracker.log_metrics(result.test, step=max(stopper.best_epoch, 0))
-        r.tracker.log_artifact(write_cases_csv(result.cases, r.work/'cases.csv'), 'test')
+        try: _test(r, model, test_cases, result, step=max(stopper.best_epoch, 0))
+        except Exception as e:  # training was accepted and its model is logged: the run still ends FINISHED
+            result.test, result.cases = {}, []
+            result.test_missing = f"the held-out evaluation failed: {type(e).__name__}: {e}"
+            log.warning("No test metrics: %s. The run ends FINISHED with its model.", result.test_missing)
+            r.tracker.set_tag(TAG_TEST_MISSING, result.test_missing)
         r.tracker.set_tag('mlflow.note.content', run_description(result))  # the run page's description
     return result
+
+def _test(r:_RunContext, model, test_cases:list, result:TrainResult, step:int):
+    "Score the best weights on the held-out cases, on each case's own grid as published tables are; log the table"
+    seg = Segmenter(model, preprocessing(r.cfg), r.proc.device, r.amp)
+    result.cases = evaluate_cases(seg, test_cases, progress=r.progress and live_bars())
+    result.test = summarize(result.cases)
+    r.tracker.log_metrics(result.test, step=step)
+    r.tracker.log_artifact(write_cases_csv(result.cases, r.work/'cases.csv'), 'test')
 
 # %% ../nbs/api/05_train.ipynb #d3c0a1e2
 def run_description(res:TrainResult) -> str:
@@ -817,9 +853,10 @@ def run_description(res:TrainResult) -> str:
     load = (f"\n\nLoad the network with `mlflow.pytorch.load_model('{res.model_uri}')`" if res.model_uri else '') + \
            (f"; segment scans with `coronary-mlops predict {res.segmenter_uri} SCAN --out DIR`." if res.segmenter_uri
             else '.' if res.model_uri else '')
+    missing = f"\n\n**No held-out test metrics**: {res.test_missing}." if res.test_missing else ''
     return (f"**Best validation Dice {res.best_dice:.3f}** at epoch {res.best_epoch} ({res.epochs_run} epochs run). "
             "`val_*` on the resampled grid; `test_*` on each case's original grid (HD95 and ASSD in mm)."
-            f"\n\n| metric | value |\n|---|---|\n{table}{cases}{load}")
+            f"{missing}\n\n| metric | value |\n|---|---|\n{table}{cases}{load}")
 
 # %% ../nbs/api/05_train.ipynb #d3c0a1e5
 def version_tags(res:TrainResult, cfg:TrainConfig, tracker=None) -> dict:
@@ -867,6 +904,7 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
     "Train a coronary segmentation model with full tracking; see above for what is logged"
     t_start = time.time()
     tracker, base = _tracker_for(tracker, *dist_info()[:2])
+    if dist_info()[0] == 0: check_writable(base.store_dir)  # a read-only store fails here, before any run
     cfg = cfg or TrainConfig.from_settings(base)
     proc = setup_process(device, resume)
     amp = amp_dtype(proc.device, cfg.amp)
@@ -875,14 +913,17 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
     work = Path(work_dir or tempfile.mkdtemp(prefix='coronary-train-'))
     if proc.world > 1: work = work/f"rank{proc.rank}"
     work.mkdir(parents=True, exist_ok=True)
-    ds = make_datasets(cfg, data_dir, synthetic, work, phantom, Path(base.store_dir)/'cache', proc.device)
+    ds = make_datasets(cfg, data_dir, synthetic, work, phantom, Path(base.store_dir)/'cache', proc.device,
+                       progress=progress and proc.rank == 0 and live_bars())
     cfg = ds['cfg']  # spacing, window and patch planned from the data where not set
-    if progress and proc.rank == 0: print(cache_line(ds['cache']), file=sys.stderr, flush=True)
+    if progress and proc.rank == 0:
+        if ds['check'].warnings: print(ds['check'].text(limit=10), file=sys.stderr)
+        print(cache_line(ds['cache']), file=sys.stderr, flush=True)
     loaders, parts = make_loaders(ds, cfg, proc), build_parts(cfg, proc, amp)
     state = _resume_state(tracker, resume) if resume else None  # a bad checkpoint leaves the old run untouched
     with tracker.start_run(run_name=run_name, resume_run_id=resume, tags={TAG_TASK: 'coronary-segmentation'}) as run:
         r = _RunContext(tracker, run.run_id, cfg, proc, amp, work, progress, monitor if proc.rank == 0 else None)
-        stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], state, ds['cache'], ds['plan'])
+        stopper, epochs, step = _begin(r, parts, data_dir, ds['split'], state, ds['cache'], ds['plan'], ds['check'])
         if r.monitor is not None: r.monitor.begin(run.run_id, epochs)
         result = None
         try:

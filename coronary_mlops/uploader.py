@@ -22,11 +22,11 @@ from .layout import (FILE_NAMES, TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, epoch_dir,
                                    safe_join)
 from .storage import (Slab, atomic_torch_save, dumps_json, epoch_summary, from_skeleton, gunzip_sha256,
                                     gzip_file, pid_alive, read_json, read_slab, sha256_file, skeleton, snapshot_state,
-                                    state_tensors, to_jsonable)
+                                    state_tensors, to_jsonable, write_atomic)
 from .reader import RunReader
 
 # %% auto #0
-__all__ = ['COMPRESSIBLE', 'EARLY_HASH_BYTES', 'ArtifactUploadError', 'EpochUploader', 'Snapshot', 'move_spooled_run']
+__all__ = ['COMPRESSIBLE', 'EARLY_HASH_BYTES', 'ArtifactUploadError', 'EpochUploader', 'read_job', 'Snapshot', 'move_spooled_run']
 
 # %% ../nbs/api/01d_uploader.ipynb #0a509a3a
 log = logging.getLogger('coronary_mlops.uploader')
@@ -60,6 +60,17 @@ class EpochUploader:
         self._hasher, self._hashing = None, 0  # threads that hash staged files while the rest is staged
         self._recover_orphans()
 
+# %% ../nbs/api/01d_uploader.ipynb #ad46043c
+def read_job(job:Path, spool_dir:Path) -> dict|None:
+    "The spec in `job/job.json`; None, with the job moved to `<spool_dir>/rejected/` and a warning, if it is torn"
+    try: return read_json((job/'job.json').read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        dst = Path(spool_dir)/'rejected'/f"{job.name}.torn"
+        dst.parent.mkdir(parents=True, exist_ok=True); shutil.move(str(job), dst)
+        log.warning("Epoch folder %s has a job.json that cannot be read (%s: %s); set aside in %s. Other epochs "
+                    "go on.", job, type(e).__name__, e, dst)
+        return None
+
 # %% ../nbs/api/01d_uploader.ipynb #11a62101
 @patch
 def _recover_orphans(self:EpochUploader):
@@ -68,16 +79,16 @@ def _recover_orphans(self:EpochUploader):
         pid = int(d.name.split('-')[0]) if d.name.split('-')[0].isdigit() else None
         if d == self.staging or pid is None or pid_alive(pid): continue
         for job in d.glob('*/job.json'):
-            rebuilt = _rebuild_checkpoint(job.parent, d)
+            if (spec := read_job(job.parent, self.spool_dir)) is None: continue  # torn: set aside, the rest goes on
+            rebuilt = _rebuild_checkpoint(job.parent, d, spec)
             dst = self.spool_dir/job.parent.name
             dst.parent.mkdir(parents=True, exist_ok=True); shutil.move(str(job.parent), dst)
             log.warning("Recovered epoch staged by dead process %s into the spool%s: %s", pid,
                         " (its checkpoint rebuilt from the staged snapshot)" if rebuilt else "", dst)
         shutil.rmtree(d, ignore_errors=True)
 
-def _rebuild_checkpoint(job:Path, staging:Path) -> bool:
+def _rebuild_checkpoint(job:Path, staging:Path, spec:dict) -> bool:
     "Write the checkpoint of a job whose process died before its worker did, from the job's slab; True if written"
-    spec = read_json((job/'job.json').read_text())
     snap, ckpt = spec.get('snapshot'), spec.get('checkpoint')
     if not (snap and ckpt) or (dst := safe_join(job/'tree', ckpt)).exists(): return False
     try: state = from_skeleton(snap['skeleton'], read_slab(safe_join(staging, snap['slab']), snap['layout']))
@@ -115,7 +126,7 @@ def stage(self:EpochUploader, run_id:str, # the run the epoch belongs to
             if is_figure(src): src.savefig(dst, format='png', dpi=100, bbox_inches='tight')
             else: shutil.copyfile(src, dst)
             if (early := self._hash_early(dst)) is not None: hashes[rel] = early
-        (part/'job.json').write_text(json.dumps(spec, allow_nan=False))
+        write_atomic(part/'job.json', json.dumps(spec, allow_nan=False))  # fsynced: a power cut cannot leave it empty
         os.replace(part, job)
     except BaseException as e:
         shutil.rmtree(part, ignore_errors=True)
@@ -246,7 +257,7 @@ def _run_job(self:EpochUploader, job:Path, state:Snapshot|None=None, spool_on_fa
              hashes:dict|None=None, # {run-relative path: `_hash_early`'s (future, file)} from `stage`
             ) -> bool:
     "Process one staged epoch with retries; spool it when the store stays unreachable. True if uploaded"
-    spec = read_json((job/'job.json').read_text())
+    if (spec := read_job(job, self.spool_dir)) is None: return False
     _render(job, spec)
     if state is not None:
         atomic_torch_save(state.state, safe_join(job/'tree', spec['checkpoint']))
@@ -461,11 +472,16 @@ def close(self:EpochUploader, raise_errors:bool=True):
         shutil.rmtree(self.staging, ignore_errors=True)
 
 # %% ../nbs/api/01d_uploader.ipynb #f93d3ac8
+def _job_order(job:Path) -> tuple:
+    "A job folder's place in replay: its run, its epoch number (`<run>-<epoch>-<id>`), the clock only within an epoch"
+    run, epoch, _ = job.name.rsplit('-', 2)
+    return (run, int(epoch) if epoch.isdigit() else -1, job.stat().st_mtime_ns)
+
 @patch
 def spooled(self:EpochUploader, run_id:str|None=None) -> list[Path]:
     "Spooled epochs waiting to be replayed, oldest epoch first"
     jobs = [p for p in self.spool_dir.glob('*/job.json') if run_id is None or p.parent.name.startswith(run_id + '-')]
-    return sorted((p.parent for p in jobs), key=lambda p: (p.name.rsplit('-', 2)[0], p.stat().st_mtime))
+    return sorted((p.parent for p in jobs), key=_job_order)
 
 @patch
 def replay_spool(self:EpochUploader, run_id:str|None=None, quiet:bool=False) -> int:
@@ -473,12 +489,13 @@ def replay_spool(self:EpochUploader, run_id:str|None=None, quiet:bool=False) -> 
     n = 0
     for job in tqdm(self.spooled(run_id), desc='replaying spool', leave=False,
                     disable=True if quiet else None):  # None: a bar on a terminal only, no residue in logs
+        if (spec := read_job(job, self.spool_dir)) is None: continue  # torn: set aside, alone
         try: self._run_job(job, spool_on_failure=False)
         except Exception as e:
             if isinstance(e, ConnectionError) or not probe_server(self.settings.tracking_uri):
                 if not quiet: log.warning("Replay stopped at %s: %s", job.name, e)
                 break  # the store is away: everything waits, in order
-            self._set_aside(job, read_json((job/'job.json').read_text()), e)
+            self._set_aside(job, spec, e)
             continue
         n += 1
     return n
@@ -492,7 +509,8 @@ def move_spooled_run(spool_dir, # the uploader's spool folder (`<store_dir>/spoo
     n = 0
     for d in sorted(Path(spool_dir).glob(f"{old}-*")):
         job = d/'job.json'
-        if not job.exists(): continue
-        spec = json.loads(job.read_text()); spec['run_id'] = new
-        job.write_text(json.dumps(spec)); d.rename(d.with_name(new + d.name[len(old):])); n += 1
+        try: spec = json.loads(job.read_text())
+        except (OSError, ValueError): continue  # missing or torn: replay sets it aside (`read_job`), alone
+        spec['run_id'] = new
+        write_atomic(job, json.dumps(spec)); d.rename(d.with_name(new + d.name[len(old):])); n += 1
     return n

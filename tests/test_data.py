@@ -51,12 +51,17 @@ def test_bad_folders_and_splits(tmp_path):
 
 
 def test_non_binary_label_is_named(tmp_path):
+    "A multi-class label is refused naming its values; a 0/3 label is one class, read as vessel"
     ph = make_phantom(0, PhantomConfig(shape=(24, 24, 24)))
     save_nifti(ph['image'], ph['spacing'], tmp_path/'1.img.nii.gz')
-    save_nifti(ph['label'] * 3, ph['spacing'], tmp_path/'1.label.nii.gz')
+    two = ph['label'] * 3; two[:12] = np.minimum(two[:12], 1)  # classes 1 and 3
+    save_nifti(two, ph['spacing'], tmp_path/'1.label.nii.gz')
     with pytest.raises(RuntimeError) as e: transforms(roi_size=(16, 16, 16))(discover(tmp_path)[0])
     err = find_cause(e.value)
-    assert isinstance(err, DataError) and '1.label.nii.gz is not binary: it holds [0, 3]' in str(err)
+    assert isinstance(err, DataError) and '1.label.nii.gz holds 2 classes [1, 3]' in str(err) and '--merge-labels' in str(err)
+    save_nifti(ph['label'] * 3, ph['spacing'], tmp_path/'1.label.nii.gz')
+    d = transforms(roi_size=(16, 16, 16), train=False)(discover(tmp_path)[0])
+    assert d['label'].unique().tolist() == [0.0, 1.0] and int(d['label'].sum()) > 0
 
 
 def test_cache_and_plain_datasets_give_the_same_validation_volume(tmp_path):

@@ -98,12 +98,13 @@ def test_predict_refuses_bad_models_and_inputs_in_one_line_and_writes_nothing(re
     s, uri, _ = registered
     case = tube_case(tmp_path/'scans')
     flat = tmp_path/'flat.nii.gz'; nib.save(nib.Nifti1Image(np.zeros((9, 9), np.int16), np.eye(4)), flat)
-    mr = tmp_path/'mr.nii.gz'; nib.save(nib.Nifti1Image(np.random.rand(9, 9, 9).astype(np.float32) * 800, np.eye(4)), mr)
+    holed = nib.load(case['image']); hu = holed.get_fdata(dtype=np.float32); hu[20:23, 18:21, 12:15] = np.nan
+    nan = tmp_path/'nan.nii.gz'; nib.save(nib.Nifti1Image(hu, holed.affine), nan)  # NaN inside the body
     for args, says in [(['models:/no-such@champion', case['image']], 'cannot be loaded'),
                        (['champion', case['image']], 'is not a model'),
                        ([uri, case['label']], 'looks like a label mask'),
                        ([uri, str(flat)], 'is 2-D'),
-                       ([uri, str(mr)], 'does not look like a CT'),
+                       ([uri, str(nan)], 'NaN or infinite voxels inside the body'),
                        ([uri, str(tmp_path/'scans')], 'holds input scans')]:
         out_dir = str(tmp_path/'scans') if says == 'holds input scans' else str(tmp_path/'refused')
         assert main(['--store-dir', s.store_dir, 'predict', *args, '--out', out_dir, '--quiet']) == 2, args
@@ -111,6 +112,14 @@ def test_predict_refuses_bad_models_and_inputs_in_one_line_and_writes_nothing(re
         assert err.startswith('coronary-mlops predict: ') and says in err and err.count('\n') == 1, (args, err)
     assert not (tmp_path/'refused').exists()
     assert sorted(p.name for p in (tmp_path/'scans').iterdir()) == ['case7.img.nii.gz', 'case7.label.nii.gz']
+    # a CT cropped to the body, with no air: segmented, with one warning line (the bug that failed whole runs)
+    crop = nib.load(case['image']); a = np.asanyarray(crop.dataobj).copy(); a[:4] = 40
+    a = (a + np.random.default_rng(0).integers(-20, 21, a.shape)).astype(np.int16)  # a scanner's noise
+    (tmp_path/'cropped').mkdir(); nib.save(nib.Nifti1Image(a, crop.affine), tmp_path/'cropped'/'c.nii.gz')
+    r = run_cli('--store-dir', s.store_dir, 'predict', uri, str(tmp_path/'cropped'/'c.nii.gz'), '--out',
+                str(tmp_path/'cropped_out'), '--quiet', check=False)
+    assert r.returncode == 0 and 'has no voxel below -300 HU' in r.stderr, r.stderr
+    assert nib.load(tmp_path/'cropped_out'/'c_seg.nii.gz').shape == a.shape
 
 
 def test_pyfunc_and_mlflow_models_serve_answer_on_loopback(registered, tmp_path):

@@ -34,8 +34,9 @@ def test_bad_input_through_train_is_a_data_error(tracker, tmp_path):
     ph = make_phantom(0, PhantomConfig(shape=(32, 32, 32)))
     for i in range(3):
         save_nifti(ph['image'], ph['spacing'], tmp_path/'multi'/f'{i}.img.nii.gz')
-        save_nifti(ph['label'] * (2 if i == 1 else 1), ph['spacing'], tmp_path/'multi'/f'{i}.label.nii.gz')
-    with pytest.raises(DataError, match='1.label.nii.gz is not binary: it holds \\[0, 2\\]'):
+        two = ph['label'].copy(); two[16:] *= 2  # classes 1 and 2 (two trees), refused unless merged
+        save_nifti(two if i == 1 else ph['label'], ph['spacing'], tmp_path/'multi'/f'{i}.label.nii.gz')
+    with pytest.raises(DataError, match=r'1.label.nii.gz holds 2 classes \[1, 2\]'):
         train(TrainConfig(epochs=1, **TINY), data_dir=tmp_path/'multi', tracker=tracker, progress=False)
     for i in range(3):
         save_nifti(ph['image'], ph['spacing'], tmp_path/'shape'/f'{i}.img.nii.gz')

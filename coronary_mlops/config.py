@@ -86,8 +86,11 @@ def redact_uri(uri:str) -> str:
     return urlunsplit((p.scheme, netloc, p.path, query, p.fragment))
 
 # %% ../nbs/api/00_config.ipynb #1518a270
-_URI_PW = re.compile(r'([A-Za-z][\w+.-]*://[^\s:/@]+:)([^\s@/]+)(@)')
-_SECRET_WORD = r'[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key)[\w.-]*'
+_URI_PW = re.compile(r'((?<![\w+.-])[A-Za-z][\w+.-]*://[^\s:/@]+:)([^\s@/]+)(@)')
+# a match starts only where a word starts: the leftmost match always does, and on a long word ('x' * 7000, a base64
+# blob) trying every position inside it took quadratic time (3.7 s for one 7,000-character param)
+_SECRET_WORD = (r'(?<![\w.-])[\w.-]*(?:password|passwd|pwd|secret|token|api[_-]?key|access[_-]?key|private[_-]?key)'
+                r'[\w.-]*')
 _PAIR = re.compile(r'(["\']?' + _SECRET_WORD + r'["\']?\s*[:=]\s*["\']?)([^"\'\s,;&}\]]+)', re.I)
 _QUERY = re.compile(r'([?&]' + _SECRET_WORD + r'=)([^&\s]+)', re.I)
 

@@ -313,10 +313,13 @@ def pending(self:RecordQueue) -> int:
     return n
 
 # %% ../nbs/api/02a_record_queue.ipynb #eec2dad7
+_FIELDS = dict(m=6, p=5, t=5)  # a metric: run, kind, key, value, step, timestamp; a param or tag: ..., value, ns
+
 def _record(line:str) -> tuple:
-    "One spooled record from its line; ValueError if the line is not one"
+    "One spooled record from its line; ValueError if the line is not one (valid JSON of the wrong shape included)"
     r = json.loads(line)
-    if not (isinstance(r, list) and len(r) >= 3 and isinstance(r[0], str) and isinstance(r[1], str)):
+    if not (isinstance(r, list) and len(r) >= 3 and isinstance(r[0], str) and isinstance(r[1], str)
+            and len(r) >= _FIELDS.get(r[1], 3)):
         raise ValueError(f"not a record: {line[:60]!r}")
     return tuple(r)
 

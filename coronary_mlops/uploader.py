@@ -63,7 +63,10 @@ class EpochUploader:
 # %% ../nbs/api/01d_uploader.ipynb #ad46043c
 def read_job(job:Path, spool_dir:Path) -> dict|None:
     "The spec in `job/job.json`; None, with the job moved to `<spool_dir>/rejected/` and a warning, if it is torn"
-    try: return read_json((job/'job.json').read_text())
+    try:
+        spec = read_json((job/'job.json').read_text())
+        if not isinstance(spec, dict): raise ValueError(f"a JSON {type(spec).__name__}, not an object")
+        return spec
     except (OSError, ValueError, UnicodeDecodeError) as e:
         dst = Path(spool_dir)/'rejected'/f"{job.name}.torn"
         dst.parent.mkdir(parents=True, exist_ok=True); shutil.move(str(job), dst)

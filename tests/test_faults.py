@@ -314,3 +314,20 @@ def test_spooled_epochs_replay_in_epoch_order_whatever_their_clock(offline, caps
         assert info.tags['coronary_mlops.best_epoch'] == '2'
         assert info.tags['coronary_mlops.best_checkpoint'] == 'checkpoints/epoch_002/model.pt'
     finally: srv.stop()
+
+
+def test_spool_files_that_are_json_of_the_wrong_shape_are_set_aside_too(tmp_path, clean_env):
+    "A second break-it round: `[run, 'm', 1]` crashed every sync with IndexError; a `job.json` of `[]` blocked epochs"
+    from coronary_mlops.uploader import read_job
+    tr = MLflowTracker(settings=load_settings(False, store_dir=str(tmp_path/'store'), experiment_name='shape'))
+    run = tr.client.create_run(tr.experiment_id).info.run_id
+    tr.queue.spool_write([(run, 'm', 'loss', float(i), i, 1_700_000_000_000 + i) for i in range(3)])
+    [seg] = tr.queue.spooled_segments(run)
+    seg.write_text(seg.read_text() + json.dumps([run, 'm', 1]) + '\n' + json.dumps({'run': run}) + '\n')
+    tr.queue.replay()  # raises nothing
+    assert points(tr.client, run, 'loss') == [(i, float(i)) for i in range(3)]
+    [torn] = list((tr.spool_dir/'rejected').glob('*.torn'))
+    assert [json.loads(l)['line'] for l in torn.read_text().splitlines()] == [4, 5]
+    tr.close()
+    job = tmp_path/'spool'/'r-001-abc'; job.mkdir(parents=True); (job/'job.json').write_text('[]')
+    assert read_job(job, tmp_path/'spool') is None and (tmp_path/'spool'/'rejected'/'r-001-abc.torn').exists()

@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/config.html.md"""
 
 # %% ../nbs/api/00_config.ipynb #feae68c9
 from __future__ import annotations
-import configparser, contextlib, difflib, logging, os, re, shutil, warnings
+import configparser, contextlib, difflib, logging, os, re, shutil, threading, time, warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
@@ -32,7 +32,7 @@ __all__ = ['SECTIONS', 'DEFAULTS', 'SECTION_OF', 'ENV_ALIASES', 'ENV_PREFIX', 'L
            'is_secret_name', 'redact_uri', 'secret_values', 'redact_text', 'redact', 'check_store_uri', 'parse_value',
            'find_settings_file', 'find_env_file', 'read_settings_ini', 'SettingsWarning', 'read_env',
            'default_store_dir', 'sqlite_uri', 'lesson_dir', 'Settings', 'load_settings', 'get_or_create_experiment',
-           'env_override', 'probe_server', 'check_reachable', 'is_permanent']
+           'env_override', 'probe_server', 'check_reachable', 'within', 'is_permanent']
 
 # %% ../nbs/api/00_config.ipynb #66e41009
 SECTIONS = {
@@ -442,15 +442,36 @@ def env_override(**vars):
             else: os.environ[k] = v
 
 # %% ../nbs/api/00_config.ipynb #90590b95
-def probe_server(uri:str, timeout:float=1.0) -> bool:
-    "True if `uri` is not an http(s) server, or if the server's `/health` answers within `timeout` seconds"
+_API_PROBE = '/api/2.0/mlflow/experiments/get-by-name?experiment_name=coronary-mlops-probe'
+
+def probe_server(uri:str, timeout:float=1.0, # seconds to wait for the answer
+                 api:bool=False, # ask an API call that reads the database, not `/health`
+                ) -> bool:
+    "True if `uri` is not an http(s) server, or if the server answers within `timeout` seconds"
     if not uri.startswith(('http://', 'https://')): return True
-    try: return requests.get(uri.rstrip('/') + '/health', timeout=timeout).ok
+    base = uri.rstrip('/')
+    try:
+        if not api: return requests.get(base + '/health', timeout=timeout).ok
+        return requests.get(base + _API_PROBE, timeout=timeout).status_code < 500  # a 404 or 401 is an answer too
     except requests.RequestException: return False
 
 def check_reachable(uri:str, timeout:float=2.0):
     "Raise a `ConnectionError` naming the server (without credentials) when `probe_server` says it is down"
     if not probe_server(uri, timeout): raise ConnectionError(f"MLflow server {redact_uri(uri)} is unreachable")
+
+# %% ../nbs/api/00_config.ipynb #cefbb85a
+def within(fn, seconds:float, # how long the caller waits
+           what:str='the call', # who did not answer, for the message
+          ):
+    "`fn()` on a daemon thread: its result or its exception, or `TimeoutError` naming `what` after `seconds`"
+    out = {}
+    def run():
+        try: out['value'] = fn()
+        except BaseException as e: out['error'] = e
+    t = threading.Thread(target=run, name='coronary-mlops-call', daemon=True); t.start(); t.join(seconds)
+    if t.is_alive(): raise TimeoutError(f"{what} did not answer within {seconds:.3g} s")
+    if 'error' in out: raise out['error']
+    return out.get('value')
 
 # %% ../nbs/api/00_config.ipynb #b48dc4c6
 _PERMANENT = {'PERMISSION_DENIED', 'UNAUTHENTICATED', 'INVALID_PARAMETER_VALUE', 'RESOURCE_DOES_NOT_EXIST',

@@ -15,9 +15,9 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, path_not_unique, vali
 # %% auto #0
 __all__ = ['LAYOUT', 'FILE_NAMES', 'CATEGORY_SUFFIXES', 'MAX_NAME_BYTES', 'KEY_BAD_CHARS', 'TAG_BEST_CHECKPOINT',
            'TAG_BEST_EPOCH', 'TAG_END_REASON', 'TAG_EARLY_STOP', 'TAG_STOPPED', 'TAG_STOP_REQUEST', 'TAG_TASK',
-           'TAG_OFFLINE_ID', 'TAG_TEST_MISSING', 'FIGURE_NAMES', 'epoch_dir', 'epoch_file', 'categorize', 'type_dir',
-           'layout_markdown', 'check_name', 'safe_join', 'check_key', 'metric_value', 'metric_step', 'is_figure',
-           'folder_files', 'copy_inside', 'plan_artifacts']
+           'TAG_OFFLINE_ID', 'TAG_START_ID', 'TAG_TEST_MISSING', 'FIGURE_NAMES', 'epoch_dir', 'epoch_file',
+           'categorize', 'type_dir', 'layout_markdown', 'check_name', 'safe_join', 'check_key', 'metric_value',
+           'metric_step', 'is_figure', 'folder_files', 'copy_inside', 'plan_artifacts']
 
 # %% ../nbs/api/01a_layout.ipynb #d9184b3e
 log = logging.getLogger('coronary_mlops.layout')
@@ -172,6 +172,7 @@ TAG_STOPPED = 'coronary_mlops.stopped'  # training was stopped by hand (a monito
 TAG_STOP_REQUEST = 'coronary_mlops.stop_requested'  # 'true': a monitor in another process asks the loop to stop
 TAG_TASK = 'coronary_mlops.task'  # what the run trains, e.g. coronary-segmentation
 TAG_OFFLINE_ID = 'coronary_mlops.offline_id'  # the local id of a run created by sync() after being offline
+TAG_START_ID = 'coronary_mlops.start_id'  # a run's key, set before it is created: no run is made twice
 TAG_TEST_MISSING = 'coronary_mlops.test_missing'  # why a FINISHED run has no held-out test metrics
 
 # %% ../nbs/api/01a_layout.ipynb #f059bc6d

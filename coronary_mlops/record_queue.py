@@ -13,12 +13,13 @@ from typing import Callable
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 from fastcore.basics import patch
-from .config import is_permanent, probe_server, redact_text, redact_uri
+from .config import is_permanent, probe_server, redact_text, redact_uri, within
 from .layout import copy_inside
 from .storage import disk_error, write_atomic
 
 # %% auto #0
-__all__ = ['TrackerError', 'TrackerPermissionError', 'kit_error', 'Unsent', 'batches', 'RecordQueue', 'describe', 'seq_of']
+__all__ = ['TrackerError', 'TrackerPermissionError', 'kit_error', 'Unsent', 'Late', 'batches', 'RecordQueue', 'describe',
+           'seq_of']
 
 # %% ../nbs/api/02a_record_queue.ipynb #474b7563
 log = logging.getLogger('coronary_mlops.tracker')
@@ -55,6 +56,9 @@ class Unsent(Exception):
     "A transient failure; `records` are the ones that did not reach the store, in order"
     def __init__(self, records): self.records = records
 
+class Late(Unsent):
+    "The caller's deadline came before the store's answer: `records` wait in memory, and the store is not called down"
+
 def _run_steps(recs):
     "One run's records as ('batch', run, metrics, params, tags, records) and (kind, run, record) steps, in order"
     cur = None
@@ -90,26 +94,34 @@ class RecordQueue:
                  max_queue:int=100_000, # queued records before the queue is moved to the spool
                  flush_interval:float=2.0, # seconds between background sends (each is one store transaction)
                  probe_timeout:float=1.0, # seconds to wait for the server's /health answer
+                 call_timeout:float=60.0, # seconds a server may take over one call, MLflow's retries included
                 ):
         self.send, self.tracking_uri, self.spool_dir = send, tracking_uri, Path(spool_dir)
         self.max_queue, self.flush_interval, self.probe_timeout = max(1, max_queue), flush_interval, probe_timeout
+        self.call_timeout, self._until, self._wedged = call_timeout, None, False  # _until: the flush's deadline
         self.buf, self.ids, self.errors = deque(), {}, []
         self.io, self._spool_lock = threading.RLock(), threading.Lock()
         self._wake, self._stop, self._thread = threading.Event(), threading.Event(), None
         self.online, self._next_probe = None, 0.0
         self.stats = dict(sent=0, spooled=0, replayed=0, spills=0, rejected=0, torn=0)
         self._seq = 0  # the last segment sequence number this process wrote
+        self._inflight, self._orphaned = [], False  # records the worker is sending; handed to the spool by `stop`
 
     @property
     def is_server(self) -> bool: return self.tracking_uri.startswith(('http://', 'https://'))
 
 # %% ../nbs/api/02a_record_queue.ipynb #8a237ef7
 @patch
-def probe(self:RecordQueue) -> bool:
-    "True if the tracking store answers now; remembered as `online`"
-    ok = probe_server(self.tracking_uri, self.probe_timeout)
+def probe(self:RecordQueue, api:bool=False) -> bool:
+    "True if the tracking store answers now (its API too, after a call overran or when `api`); remembered as `online`"
+    if self._wedged or api:
+        t = max(5.0, self.probe_timeout)
+        if self._until is not None: t = min(t, max(0.1, self._until - time.monotonic()))  # a flush's deadline holds
+        self._wedged = not probe_server(self.tracking_uri, t, api=True)
+    ok = not self._wedged and probe_server(self.tracking_uri, self.probe_timeout)
     if ok != self.online and self.online is not None:
-        what = 'back: replaying the spool' if ok else f'unreachable: spooling to {self.spool_dir}'
+        down = f'answering /health but not its API' if self._wedged else 'unreachable'
+        what = 'back: replaying the spool' if ok else f'{down}: spooling to {self.spool_dir}'
         log.warning("MLflow server %s is %s", redact_uri(self.tracking_uri), what)
     self.online, self._next_probe = ok, time.monotonic() + 1.0
     return ok
@@ -155,12 +167,17 @@ def cycle(self:RecordQueue):
         if (self.online and self.is_server) or (not self.online and time.monotonic() >= self._next_probe): self.probe()
         if self.online and self.spooled_segments():
             try: self.replay()
+            except Late: return
             except ConnectionError: self.online = False
         recs = self._take()
         if not recs: return
         if self.online and not self.spooled_segments():
+            self._inflight = recs
             try: self.send_records(recs); return
+            except Late as u: return self.buf.extendleft(reversed(u.records))  # first in line for the next cycle
             except Unsent as u: recs = u.records; self.online = False; self._next_probe = time.monotonic() + 1.0
+            finally: self._inflight = []
+            if self._orphaned: return  # `stop` gave up on this thread and spooled these records itself
         self.keep(recs)
 
 # %% ../nbs/api/02a_record_queue.ipynb #5a475a81
@@ -177,7 +194,9 @@ def send_records(self:RecordQueue, recs:list, replay:bool=False):
     "Send records in order; raise `Unsent` with the rest on a transient failure; set aside what the store refuses"
     steps = list(batches(recs))
     for i, step in enumerate(steps):
+        if self._until is not None and time.monotonic() >= self._until: raise Late(_records(steps[i:]))
         try: self._apply(step)
+        except Late: raise Late(_records(steps[i:])) from None
         except Exception as e:
             if is_permanent(e) or isinstance(e, TrackerError) or (not _transient(e) and self.probe()):
                 self._set_aside(step, e)  # refused by a store that answers: this step only, never the rest
@@ -193,7 +212,25 @@ def _apply(self:RecordQueue, step):
         return
     run_id = self.resolve(local)
     if run_id is None: raise TrackerError(f"run {local} was never created on the server")
-    self.send(step, run_id)
+    self._call(step, run_id)
+
+def _mb(step) -> float:
+    "Megabytes an artifact step uploads (0 for anything else)"
+    if step[0] != 'a' or not (src := Path(step[2][2])).exists(): return 0.0
+    return (src.stat().st_size if src.is_file() else sum(f.stat().st_size for f in src.rglob('*') if f.is_file())) / 1e6
+
+@patch
+def _call(self:RecordQueue, step, run_id):
+    "`send(step, run_id)` by its deadline on a server: `call_timeout` (plus a second a megabyte), cut to the flush's"
+    if not self.is_server: return self.send(step, run_id)
+    own = self.call_timeout + _mb(step)
+    left = None if self._until is None else max(0.0, self._until - time.monotonic())
+    try: return within(lambda: self.send(step, run_id), own if left is None else min(own, left),
+                       f"MLflow server {redact_uri(self.tracking_uri)}")
+    except TimeoutError:
+        if left is not None and left < own: raise Late([]) from None  # the caller's deadline, not the server's
+        self._wedged = True
+        raise
 
 # %% ../nbs/api/02a_record_queue.ipynb #11554dab
 _KINDS = dict(m='metric', p='param', t='tag', end='status', text='text file', a='artifact', create='run',
@@ -228,6 +265,7 @@ def _set_aside(self:RecordQueue, step, e:Exception):
     refused, err = [], e
     for n, r in enumerate(step[5]):
         try: self._apply(next(batches([r]))); self.stats['sent'] += 1
+        except Late: raise Late(step[5][n:]) from None
         except Exception as e1:
             if _transient(e1): raise Unsent(step[5][n:]) from e1
             refused.append(r); err = e1
@@ -350,6 +388,7 @@ def replay(self:RecordQueue):
         except Unsent as u:
             with self._spool_lock:  # keep only what did not go through, under the segment's own name
                 write_atomic(seg, ''.join(json.dumps(list(r)) + '\n' for r in u.records))
+            if isinstance(u, Late): raise
             raise ConnectionError(f"store unreachable while replaying {seg}") from u.__cause__
         seg.unlink()
         d = seg.parent
@@ -391,18 +430,22 @@ def map_id(self:RecordQueue, local:str, run_id:str):
 @patch
 def flush(self:RecordQueue, timeout:float|None=None) -> bool:
     "Send what is queued now; True when nothing is left in memory or in the spool"
+    until = None if timeout is None else time.monotonic() + timeout
     if not self.io.acquire(timeout=-1 if timeout is None else timeout): return False
     try:
         if not self.online: self._next_probe = 0
+        self._until = until
         self.cycle()
         return not self.buf and not self.spooled_segments()
-    finally: self.io.release()
+    finally: self._until = None; self.io.release()
 
 @patch
 def stop(self:RecordQueue, timeout:float=10):
     "Stop the worker thread; records still in memory go to the spool"
     self._stop.set(); self._wake.set()
     if self._thread is not None: self._thread.join(timeout=timeout)
+    if self._thread is not None and self._thread.is_alive() and self._inflight:
+        self._orphaned = True; self.buf.extendleft(reversed(self._inflight))  # a send still waits on the server
     if recs := self._take():  # whatever could not be sent in time waits in the spool: nothing is dropped
         if self.keep(recs):
             log.warning("%s records not yet in the store were kept in %s; sync() sends them", len(recs), self.spool_dir)

@@ -21,9 +21,9 @@ from .config import redact
 # %% auto #0
 __all__ = ['NONFINITE', 'CHUNK', 'to_jsonable', 'dumps_json', 'read_json', 'sha256_file', 'is_gzip', 'gunzip_sha256', 'gzip_file',
            'pid_alive', 'sweep_stale_temps', 'atomic_torch_save', 'UnsafeCheckpointError', 'load_checkpoint',
-           'write_atomic', 'snapshot_state', 'state_tensors', 'disk_error', 'Slab', 'read_slab', 'check_writable',
-           'skeleton', 'from_skeleton', 'software_versions', 'training_context', 'fmt_value', 'epoch_summary',
-           'CheckpointPolicy']
+           'write_atomic', 'snapshot_state', 'state_tensors', 'no_room', 'disk_error', 'Slab', 'read_slab',
+           'check_writable', 'skeleton', 'from_skeleton', 'software_versions', 'training_context', 'fmt_value',
+           'epoch_summary', 'CheckpointPolicy']
 
 # %% ../nbs/api/01b_storage.ipynb #cb2211c7
 NONFINITE = {'NaN': math.nan, 'Infinity': math.inf, '-Infinity': -math.inf}
@@ -118,7 +118,11 @@ def atomic_torch_save(obj, path) -> int:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, 'wb') as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+            try: torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+            except RuntimeError as e:  # on a full disk torch says only "unexpected pos 704 vs 598"
+                if shutil.disk_usage(path.parent).free < 2**20:
+                    raise OSError(errno.ENOSPC, f"No space left on device: {path.parent}") from e
+                raise
         os.replace(tmp, path)
     finally: tmp.unlink(missing_ok=True)
     dfd = os.open(path.parent, os.O_RDONLY)
@@ -187,13 +191,17 @@ def state_tensors(state):
 _PAGE = mmap.PAGESIZE
 _NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
+def no_room(e:BaseException) -> bool:
+    "True if `e` says the disk is full, over quota or read-only: the write may work later, as it is"
+    return isinstance(e, OSError) and e.errno in _NO_ROOM
+
 def disk_error(e:OSError,            # what the write raised
                folder,                # the folder it wrote into
                need:int|None=None,    # bytes the write needed, when known
                what:str='the write',  # what was being written, for the message
               ) -> OSError:           # `e` itself unless the disk is full, over quota or read-only
     "`e` as an OSError that names `folder` and, for a full disk, how much `what` needs and how much is free"
-    if e.errno not in _NO_ROOM: return e
+    if not no_room(e): return e
     if e.errno == errno.EROFS: why = f"{folder} is on a read-only file system"
     else:
         try: free = shutil.disk_usage(folder).free

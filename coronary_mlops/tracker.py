@@ -20,9 +20,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from fastcore.basics import patch
 from .config import (EXPERIMENT_KIND_TAG, MODEL_TRAINING, Settings, load_settings, get_or_create_experiment,
-                                   redact, redact_text, redact_uri, env_override, is_permanent)
-from .layout import (TAG_END_REASON, TAG_OFFLINE_ID, check_key, check_name, copy_inside, metric_step,
-                                   metric_value)
+                                   redact, redact_text, redact_uri, env_override, is_permanent, within)
+from .layout import (TAG_END_REASON, TAG_OFFLINE_ID, TAG_START_ID, check_key, check_name,
+                                   copy_inside, metric_step, metric_value)
 from .storage import to_jsonable
 from .uploader import move_spooled_run
 from .artifacts import MLflowArtifactManager
@@ -121,6 +121,7 @@ class MLflowTracker:
                  flush_interval:float=2.0, # seconds between background uploads (each is one store transaction)
                  spool_dir:str|Path|None=None, # the offline spool; `<store_dir>/tracker_spool` when None
                  probe_timeout:float=1.0, # seconds to wait for the server's /health answer
+                 call_timeout:float=60.0, # seconds a server may take over one call, MLflow's own retries included
                 ):
         given = dict(tracking_uri=tracking_uri, experiment_name=experiment_name, registry_uri=registry_uri)
         s = settings or load_settings(**given)
@@ -132,7 +133,8 @@ class MLflowTracker:
         self.experiment_tags, self.log_system_metrics = dict(experiment_tags or {}), log_system_metrics
         self.spool_dir = Path(spool_dir or Path(s.store_dir)/'tracker_spool')
         send = lambda step, run_id: self._send_step(step, run_id)  # defined further down
-        self.queue = RecordQueue(send, s.tracking_uri, self.spool_dir, max_queue, flush_interval, probe_timeout)
+        self.queue = RecordQueue(send, s.tracking_uri, self.spool_dir, max_queue, flush_interval, probe_timeout,
+                                 call_timeout)
         self._keys, self._stack, self._params, self._monitors, self._fluent = set(), [], {}, {}, set()
         self._experiment_id, self._artifacts = None, None
         _TRACKERS.add(self)
@@ -162,6 +164,13 @@ def online(self:MLflowTracker) -> bool|None:
 def stats(self:MLflowTracker) -> dict:
     "Records sent, spooled, replayed and rejected, and how often the cap spilled the queue"
     return self.queue.stats
+
+@patch
+def _ask(self:MLflowTracker, fn):
+    "`fn()`, a call to the store made by the caller's thread, by the queue's deadline when the store is a server"
+    if not self.is_server: return fn()
+    try: return within(fn, self.queue.call_timeout, f"MLflow server {redact_uri(self.settings.tracking_uri)}")
+    except TimeoutError: self.queue._wedged = True; raise
 
 def _fast_fail():
     "Make MLflow's HTTP client give up at once (used only where the server is already known to be down)"
@@ -212,7 +221,12 @@ def _create_synced(self:MLflowTracker, local:str, spec:dict):
     eid = exp.experiment_id if exp else get_or_create_experiment(self.settings, self.client, spec['experiment'])
     tags = {**spec['tags'], 'mlflow.runName': spec['run_name'], TAG_OFFLINE_ID: local}
     if spec.get('parent'): tags['mlflow.parentRunId'] = self.queue.ids.get(spec['parent'], spec['parent'])
-    run = self.client.create_run(eid, start_time=spec['start_time'], tags=tags, run_name=spec['run_name'])
+    # a creation whose answer never came (a deadline, a kill) may have happened all the same: never create it twice
+    key = spec['tags'].get(TAG_START_ID)  # spools written before start ids were given have only the offline id
+    by = f"tags.`{TAG_START_ID}` = '{key}'" if key else f"tags.`{TAG_OFFLINE_ID}` = '{local}'"
+    done = self.client.search_runs([eid], by, ViewType.ALL, 1)
+    run = done[0] if done else self.client.create_run(eid, start_time=spec['start_time'], tags=tags,
+                                                      run_name=spec['run_name'])
     self.queue.map_id(local, run.info.run_id)
     self._params[run.info.run_id] = self._params.get(local, {})
     n = move_spooled_run(Path(self.settings.store_dir)/'spool', local, run.info.run_id)
@@ -248,13 +262,15 @@ def sync(self:MLflowTracker) -> dict:
 
 # %% ../nbs/api/02_tracker.ipynb #95590213
 @patch
-def close(self:MLflowTracker, status:str='FINISHED'):
-    "End open runs, flush, and stop the worker (also run at interpreter exit)"
-    while self._stack: self.end_run(status, raise_errors=False)
-    deadline = time.monotonic() + 60  # a busy store gets a minute; records it did not take go to the spool, never lost
-    while not self.flush(timeout=10, raise_errors=False) and self.online and time.monotonic() < deadline:
-        time.sleep(0.2)
-    self.queue.stop()
+def close(self:MLflowTracker, status:str='FINISHED', # how runs still open end
+          timeout:float=60, # seconds a busy store gets; what it did not take by then goes to the spool, never lost
+         ):
+    "End open runs, flush, and stop the worker by `timeout` (also run at interpreter exit)"
+    deadline = time.monotonic() + timeout
+    left = lambda: max(0.0, deadline - time.monotonic())
+    while self._stack: self.end_run(status, raise_errors=False, timeout=left())
+    while not self.flush(timeout=min(10, left()), raise_errors=False) and self.online and left() > 0: time.sleep(0.2)
+    self.queue.stop(timeout=min(10, max(1.0, left())))
     if self._artifacts is not None: self._artifacts.close(raise_errors=False)
 
 @patch
@@ -330,14 +346,20 @@ def start_run(self:MLflowTracker, run_name:str|None=None, # the run's name; MLfl
     context = {} if resume_run_id else resolve_tags()  # MLflow's context providers: user, source, git commit
     tags = {k: redact_text(str(v)) for k, v in redact({**context, **(tags or {}), **note}).items()}
     for k in tags: check_key(k, 'tag')
+    key = uuid.uuid4().hex
+    if not resume_run_id: tags[TAG_START_ID] = key
     parent = self.run_id if nested else None
-    if not self.probe():
+    if not self.queue.probe(api=True):
         if resume_run_id:
             raise ConnectionError(f"Cannot resume run {resume_run_id}: "
                                   f"MLflow server {redact_uri(self.settings.tracking_uri)} is unreachable")
-        return self._start_offline(run_name, tags, parent)
+        return self._start_offline(run_name, tags, parent, key)
     self.queue.raise_errors()
-    run, run_id = self._open_run(run_name, tags, parent, resume_run_id)
+    try: run, run_id = self._ask(lambda: self._open_run(run_name, tags, parent, resume_run_id))
+    except TimeoutError as e:
+        if resume_run_id: raise ConnectionError(f"Cannot resume run {resume_run_id}: {e}") from None
+        self.queue.online = False  # the creation may still happen: sync finds it by its start id
+        return self._start_offline(run_name, tags, parent, key)
     self._stack.append(run_id)
     self._activate(run_id, run.info.experiment_id, nested=bool(parent))
     self.queue.start()
@@ -366,9 +388,9 @@ def _activate(self:MLflowTracker, run_id:str, experiment_id:str, nested:bool=Fal
 
 # %% ../nbs/api/02_tracker.ipynb #a4d87c1c
 @patch
-def _start_offline(self:MLflowTracker, run_name, tags, parent) -> TrackedRun:
+def _start_offline(self:MLflowTracker, run_name, tags, parent, key:str) -> TrackedRun:
     "A local run id whose creation is spooled; `sync()` creates it on the server"
-    run_id = f"offline-{uuid.uuid4().hex}"
+    run_id = f"offline-{key}"
     rec = ('create', dict(experiment=self.experiment_name, run_name=run_name or run_id[:16], tags=tags,
                           parent=parent, start_time=int(time.time() * 1000)))
     self.queue.spool_write([(run_id, *rec)])
@@ -409,11 +431,13 @@ def end_run(self:MLflowTracker, status:str='FINISHED', # FINISHED, FAILED or KIL
         self._fluent.discard(real); self._fluent.discard(local)
         active = mlflow.active_run()
         if active is not None and active.info.run_id == real:
-            # the status itself was sent above; MLflow's end_run only has to pop its stack (and fail fast if offline)
-            ctx = contextlib.nullcontext() if self.queue.online else _fast_fail()
-            with ctx, contextlib.suppress(Exception): mlflow.end_run(status)
-    if not done: log.warning("Run %s ended %s while the server is unreachable; its last records are in %s. "
-                             "Call sync() later.", real, status, self.spool_dir)
+            # the status itself was sent above; MLflow's end_run only has to pop its stack (and must not wait)
+            with _fast_fail(), contextlib.suppress(Exception): mlflow.end_run(status)
+    if not done:
+        where = f"wait in memory for the worker or close(), then in {self.spool_dir}" if self.queue.buf else \
+                f"are in {self.spool_dir}"
+        log.warning("Run %s ended %s before the store took its last records: they %s. Call sync() later if "
+                    "they stay there.", real, status, where)
     if raise_errors: self.queue.raise_errors()
     return done
 
@@ -569,7 +593,7 @@ def get_run_info(self:MLflowTracker, run_id:str|None=None) -> RunInfo:
     if run_id is None: raise ValueError("get_run_info: pass a run_id (no run is active)")
     run_id = self.queue.ids.get(run_id) or self.queue.resolve(run_id) or run_id
     if run_id.startswith('offline-'): raise ConnectionError(f"Run {run_id} exists only in the local spool until sync()")
-    return RunInfo.from_run(self.client.get_run(run_id))
+    return RunInfo.from_run(self._ask(lambda: self.client.get_run(run_id)))
 
 @patch
 def experiment_ids(self:MLflowTracker, experiment=None) -> list[str]:
@@ -597,8 +621,8 @@ def search_runs(self:MLflowTracker, experiment=None, # name, id or a list of the
     "Runs of `experiment` (name, id or a list; this tracker's when None) matching an MLflow filter string"
     f = ' and '.join(x for x in (filter, f"attributes.status = '{status.upper()}'" if status else '') if x)
     view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
-    runs = self.client.search_runs(self.experiment_ids(experiment), f, view, max_results,
-                                   list(order_by or ['attributes.start_time DESC']))
+    ids, order = self.experiment_ids(experiment), list(order_by or ['attributes.start_time DESC'])
+    runs = self._ask(lambda: self.client.search_runs(ids, f, view, max_results, order))
     return [RunInfo.from_run(r) for r in runs]
 
 @patch

@@ -20,13 +20,14 @@ from tqdm.auto import tqdm
 from .config import Settings, check_reachable, probe_server, redact, redact_text
 from .layout import (FILE_NAMES, TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, epoch_dir, epoch_file, is_figure,
                                    safe_join)
-from .storage import (Slab, atomic_torch_save, dumps_json, epoch_summary, from_skeleton, gunzip_sha256,
-                                    gzip_file, pid_alive, read_json, read_slab, sha256_file, skeleton, snapshot_state,
-                                    state_tensors, to_jsonable, write_atomic)
+from .storage import (Slab, atomic_torch_save, disk_error, dumps_json, epoch_summary, from_skeleton,
+                                    gunzip_sha256, gzip_file, no_room, pid_alive, read_json, read_slab, sha256_file,
+                                    skeleton, snapshot_state, state_tensors, to_jsonable, write_atomic)
 from .reader import RunReader
 
 # %% auto #0
-__all__ = ['COMPRESSIBLE', 'EARLY_HASH_BYTES', 'ArtifactUploadError', 'EpochUploader', 'read_job', 'Snapshot', 'move_spooled_run']
+__all__ = ['COMPRESSIBLE', 'PARKED', 'EARLY_HASH_BYTES', 'ArtifactUploadError', 'EpochUploader', 'read_job', 'Snapshot',
+           'move_spooled_run']
 
 # %% ../nbs/api/01d_uploader.ipynb #0a509a3a
 log = logging.getLogger('coronary_mlops.uploader')
@@ -90,15 +91,19 @@ def _recover_orphans(self:EpochUploader):
                         " (its checkpoint rebuilt from the staged snapshot)" if rebuilt else "", dst)
         shutil.rmtree(d, ignore_errors=True)
 
+PARKED = 'snapshot.bin'  # a job's own slab: the weights of an epoch whose checkpoint the disk had no room for
+
 def _rebuild_checkpoint(job:Path, staging:Path, spec:dict) -> bool:
-    "Write the checkpoint of a job whose process died before its worker did, from the job's slab; True if written"
+    "Write the checkpoint of a job whose worker never wrote it, from its slab (parked in the job, or in `staging`)"
     snap, ckpt = spec.get('snapshot'), spec.get('checkpoint')
     if not (snap and ckpt) or (dst := safe_join(job/'tree', ckpt)).exists(): return False
-    try: state = from_skeleton(snap['skeleton'], read_slab(safe_join(staging, snap['slab']), snap['layout']))
+    slab = job/PARKED if (job/PARKED).exists() else safe_join(staging, snap['slab'])
+    try: state = from_skeleton(snap['skeleton'], read_slab(slab, snap['layout']))
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("Could not rebuild the checkpoint of %s from its snapshot (%s); it is reported lost", job, e)
         return False
-    atomic_torch_save(state, dst)
+    atomic_torch_save(state, dst)  # no room yet: raised, and the job waits with its slab
+    (job/PARKED).unlink(missing_ok=True)
     return True
 
 # %% ../nbs/api/01d_uploader.ipynb #b73d3dca
@@ -261,12 +266,16 @@ def _run_job(self:EpochUploader, job:Path, state:Snapshot|None=None, spool_on_fa
             ) -> bool:
     "Process one staged epoch with retries; spool it when the store stays unreachable. True if uploaded"
     if (spec := read_job(job, self.spool_dir)) is None: return False
-    _render(job, spec)
-    if state is not None:
-        atomic_torch_save(state.state, safe_join(job/'tree', spec['checkpoint']))
-        self._give_back(state.slab); del state
-    elif spec['checkpoint'] and not safe_join(job/'tree', spec['checkpoint']).exists():
-        spec['checkpoint_lost'] = True  # recovered after its process died before the worker wrote the weights
+    try:
+        _render(job, spec)
+        if state is not None: atomic_torch_save(state.state, safe_join(job/'tree', spec['checkpoint']))
+        elif spec['checkpoint'] and not safe_join(job/'tree', spec['checkpoint']).exists():
+            # a parked slab, or a process that died before its worker wrote the weights
+            if not _rebuild_checkpoint(job, self.staging, spec): spec['checkpoint_lost'] = True
+    except OSError as e:
+        if not no_room(e) or not spool_on_failure: raise
+        return self._park(job, spec, state, e)
+    if state is not None: self._give_back(state.slab); del state
     err = None
     for attempt in range(self.retries):
         try:
@@ -281,8 +290,8 @@ def _run_job(self:EpochUploader, job:Path, state:Snapshot|None=None, spool_on_fa
             err = e
             if attempt + 1 < self.retries: time.sleep(self.backoff * 2**attempt)
     if not spool_on_failure: raise err
-    if isinstance(err, ConnectionError) or not probe_server(self.settings.tracking_uri):
-        return self._spool(job, spec, err)
+    if isinstance(err, ConnectionError) or no_room(err) or not probe_server(self.settings.tracking_uri):
+        return self._spool(job, spec, err)  # the store or the disk is away for now: the epoch waits, in order
     return self._set_aside(job, spec, err)  # the store answers and still refuses this epoch: it must not block others
 
 # %% ../nbs/api/01d_uploader.ipynb #d516b67d
@@ -297,6 +306,23 @@ def _spool(self:EpochUploader, job:Path, spec:dict, err:Exception) -> bool:
     log.warning("Could not upload epoch %s of run %s after %s attempts (%s: %s); spooled it to %s. "
                 "Run replay_spool() once the store is back.", spec['epoch'], spec['run_id'], self.retries,
                 type(err).__name__, redact_text(str(err))[:200], dst)
+    return False
+
+@patch
+def _park(self:EpochUploader, job:Path, spec:dict, state:Snapshot|None, e:OSError) -> bool:
+    "Keep an epoch the disk had no room to write out: its slab moves into the job, the job into the spool; False"
+    slab = getattr(state, 'slab', None)
+    need = slab.path.stat().st_size if slab is not None and slab.path.exists() else None
+    err = disk_error(e, job.parent, need, f"the checkpoint of epoch {spec['epoch']}")
+    if state is not None:
+        if slab is None or not spec.get('snapshot'):  # a state with no slab lives only in memory: nothing to park
+            raise ArtifactUploadError(f"{err.strerror}; the epoch's weights could not be kept") from e
+        os.replace(slab.path, job/PARKED)  # the weights are on this disk already: a rename needs no room
+        state.slab.tensors = []  # never given back: its file now belongs to this epoch
+    dst = self.spool_dir/job.name
+    dst.parent.mkdir(parents=True, exist_ok=True); os.replace(job, dst)
+    log.warning("%s. Epoch %s of run %s waits in %s with its weights; it goes up with the run's next epoch, or "
+                "with `coronary-mlops sync`, once there is room.", err.strerror, spec['epoch'], spec['run_id'], dst)
     return False
 
 @patch
@@ -487,17 +513,30 @@ def spooled(self:EpochUploader, run_id:str|None=None) -> list[Path]:
     return sorted((p.parent for p in jobs), key=_job_order)
 
 @patch
+def _set_aside_jobless(self:EpochUploader):
+    "Spool folders with no `job.json` (none the kit writes: a tampered or half-copied spool) go aside, saying so"
+    if not self.spool_dir.is_dir(): return
+    for d in self.spool_dir.iterdir():
+        if d.is_dir() and d.name != 'rejected' and not (d/'job.json').exists():
+            dst = self.spool_dir/'rejected'/f"{d.name}.torn"
+            dst.parent.mkdir(exist_ok=True); os.replace(d, dst)
+            log.warning("Spooled epoch folder %s has no job.json, so nothing says which run and epoch it holds; set "
+                        "aside in %s. Other epochs go on.", d, dst)
+
+@patch
 def replay_spool(self:EpochUploader, run_id:str|None=None, quiet:bool=False) -> int:
     "Upload spooled epochs into their runs, in epoch order; set aside what the store refuses. Return how many went up"
+    self._set_aside_jobless()
     n = 0
     for job in tqdm(self.spooled(run_id), desc='replaying spool', leave=False,
                     disable=True if quiet else None):  # None: a bar on a terminal only, no residue in logs
         if (spec := read_job(job, self.spool_dir)) is None: continue  # torn: set aside, alone
         try: self._run_job(job, spool_on_failure=False)
         except Exception as e:
-            if isinstance(e, ConnectionError) or not probe_server(self.settings.tracking_uri):
+            if isinstance(e, ConnectionError) or no_room(e) or not probe_server(self.settings.tracking_uri):
+                if no_room(e): e = disk_error(e, job, None, f"epoch {spec.get('epoch')}'s checkpoint")
                 if not quiet: log.warning("Replay stopped at %s: %s", job.name, e)
-                break  # the store is away: everything waits, in order
+                break  # the store (or the room) is away: everything waits, in order
             self._set_aside(job, spec, e)
             continue
         n += 1

@@ -134,3 +134,41 @@ class MlflowServer:
     def restart(self): self.stop(); return self.start()
     def __enter__(self): return self.start()
     def __exit__(self, *exc): self.stop()
+
+
+class WedgingProxy:
+    """An HTTP proxy on loopback in front of `target` that forwards everything, until `wedged` is set: then `/health`
+    still answers while every other call hangs (a server whose database is stuck). Held calls are dropped, never
+    forwarded, when `release()` is called or the proxy stops. `held` counts the calls it is holding."""
+    def __init__(self, target):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import requests
+        self.target, self.wedged, self._drop, self.held = target.rstrip('/'), threading.Event(), threading.Event(), 0
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+            def log_message(self, *a): pass
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
+                if proxy.wedged.is_set() and not self.path.startswith('/health'):
+                    proxy.held += 1
+                    proxy._drop.wait(600); self.close_connection = True; return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ('host', 'content-length', 'connection')}
+                r = requests.request(self.command, proxy.target + self.path, headers=headers, data=body, timeout=120)
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ('content-length', 'transfer-encoding', 'connection', 'content-encoding'): self.send_header(k, v)
+                self.send_header('Content-Length', str(len(r.content))); self.end_headers(); self.wfile.write(r.content)
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _any
+
+        self.server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.server.daemon_threads = True
+        self.port, self._thread = self.server.server_address[1], threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def uri(self): return f"http://127.0.0.1:{self.port}"
+    def release(self): self.wedged.clear(); self._drop.set()
+    def __enter__(self): self._thread.start(); return self
+    def __exit__(self, *exc): self.release(); self.server.shutdown(); self.server.server_close()

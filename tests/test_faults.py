@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from coronary_mlops.config import load_settings
 from coronary_mlops.tracker import MLflowTracker
-from servers import MlflowServer, free_port
+from servers import MlflowServer, WedgingProxy, free_port
 
 pytestmark = pytest.mark.server
 CLI = str(Path(sys.executable).parent/'coronary-mlops')
@@ -331,3 +331,70 @@ def test_spool_files_that_are_json_of_the_wrong_shape_are_set_aside_too(tmp_path
     tr.close()
     job = tmp_path/'spool'/'r-001-abc'; job.mkdir(parents=True); (job/'job.json').write_text('[]')
     assert read_job(job, tmp_path/'spool') is None and (tmp_path/'spool'/'rejected'/'r-001-abc.torn').exists()
+
+
+def test_a_server_that_answers_health_but_hangs_counts_as_down_and_every_deadline_holds(tmp_path, clean_env, capsys):
+    "MLflow retries a hung call 7 times with 120 s each: end_run(timeout=60) was still blocked at 7 minutes"
+    with MlflowServer(tmp_path/'srv') as srv, WedgingProxy(srv.uri) as px:
+        s = load_settings(False, store_dir=str(tmp_path/'client'), tracking_uri=px.uri, experiment_name='wedged')
+        tr = MLflowTracker(settings=s, call_timeout=3)
+        run = tr.start_run(run_name='live').run_id
+        tr.log_metric('loss', 0.0, step=0)
+        assert tr.flush() is True
+        px.wedged.set()
+        for step in range(1, 101): tr.log_metric('loss', float(step), step=step)
+        t0 = time.monotonic(); done = tr.end_run(timeout=5); took = time.monotonic() - t0
+        assert done is False and took < 6.5, took
+        t0 = time.monotonic(); tr.close(timeout=5); took = time.monotonic() - t0
+        assert took < 6.5 and tr.pending == 101 and px.held >= 1, (took, tr.pending)  # 100 points and the status
+        tr2 = MLflowTracker(settings=s, call_timeout=3)
+        t0 = time.monotonic(); late = tr2.start_run(run_name='during').run_id; took = time.monotonic() - t0
+        assert late.startswith('offline-') and took < 6.5, took  # /health answers, the API does not: down
+        tr2.log_metric('x', 1.0, step=0); tr2.close(timeout=5)
+        px.release()
+        rc, out = sync(s, capsys=capsys)
+        assert rc == 0, out
+        client = MLflowTracker(settings=s).client
+        assert points(client, run, 'loss') == [(i, float(i)) for i in range(101)]
+        assert client.get_run(run).info.status == 'FINISHED'
+        [during] = client.search_runs([client.get_experiment_by_name('wedged').experiment_id], "tags.mlflow.runName = 'during'")
+        assert points(client, during.info.run_id, 'x') == [(0, 1.0)]
+
+
+def test_a_disk_that_fills_while_the_worker_writes_a_checkpoint_keeps_the_epoch_until_there_is_room(small_disk, clean_env, caplog):
+    "torch said 'unexpected pos 768 vs 662', close() deleted the staged epoch, and sync exited 0: the epoch was gone"
+    import shutil, torch
+    from coronary_mlops.artifacts import MLflowArtifactManager
+    s = load_settings(False, store_dir=str(small_disk/'store'), tracking_uri=f'sqlite:///{clean_env}/meta.db',
+                      experiment_name='full')
+    m = MLflowArtifactManager(s, async_upload=True)
+    rid = s.client().create_run(s.client().create_experiment('full')).info.run_id
+    w0, w1 = {'w': torch.rand(300_000)}, {'w': torch.rand(300_000)}  # 1.2 MB each
+    m.log_epoch(0, w0, {'val_dice': 0.5}, run_id=rid); m.flush()
+    filler = small_disk/'filler'
+    filler.write_bytes(b'\0' * (shutil.disk_usage(small_disk).free - 200_000))  # room for the small files only
+    m.log_epoch(1, w1, {'val_dice': 0.6}, run_id=rid)
+    m.flush()  # raises nothing: the epoch is kept, not lost
+    assert 'is full' in caplog.text and 'waits in' in caplog.text, caplog.text
+    assert m.epochs(rid) == [0] and len(list((small_disk/'store'/'spool').glob(f'{rid}-001-*/snapshot.bin'))) == 1
+    m.close()  # removes the staging folder: the parked epoch is not in it
+    filler.unlink()  # room again
+    m2 = MLflowArtifactManager(s)
+    assert m2.replay_spool() == 1 and m2.epochs(rid) == [0, 1] and m2.verify(rid).ok
+    assert torch.equal(m2.best_checkpoint(rid)['w'], w1['w'])
+    assert [p.value for p in s.client().get_metric_history(rid, 'val_dice')] == [0.5, 0.6]
+    assert not list((small_disk/'store'/'spool').glob(f'{rid}-*')); m2.close()
+
+
+def test_a_spooled_epoch_folder_without_its_job_json_is_set_aside_and_sync_says_so(offline, capsys):
+    "Such a folder was never replayed nor reported: sync said 0 epochs wait"
+    s, srv = offline
+    bare = Path(s.store_dir)/'spool'/'0123abcd-004-deadbeef'
+    (bare/'tree').mkdir(parents=True); (bare/'tree'/'model.pt').write_bytes(b'weights')
+    srv.start()
+    try:
+        rc, out = sync(s, capsys=capsys)
+        aside = Path(s.store_dir)/'spool'/'rejected'/'0123abcd-004-deadbeef.torn'
+        assert rc == 1 and aside.is_dir() and not bare.exists() and str(aside) in out.out, out
+        assert (aside/'tree'/'model.pt').read_bytes() == b'weights'  # kept, not deleted
+    finally: srv.stop()

@@ -14,6 +14,8 @@ Run: .venv/bin/python bench/bench_reliability_cost.py [--before REF] [--rounds N
 """
 import argparse, json, os, platform, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from abba import kit_at, rounds  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE/'results'/'reliability_cost.json'
@@ -67,27 +69,16 @@ def arm(src: Path, server_uri: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def compare(ref: str, rounds: int) -> dict:
+def compare(ref: str, n: int) -> dict:
     sys.path.insert(0, str(HERE.parent/'tests'))
     from servers import MlflowServer
-    root = HERE.parent
-    commit = subprocess.run(['git', 'rev-parse', ref], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-    with tempfile.TemporaryDirectory() as t, MlflowServer(Path(t)/'srv') as srv:
-        old = Path(t)/'before'
-        subprocess.run(['git', 'worktree', 'add', '--detach', str(old), commit], cwd=root, check=True, capture_output=True)
-        try:
-            runs = {'before': [], 'after': []}
-            for r in range(rounds):
-                for name in (('before', 'after') if r % 2 == 0 else ('after', 'before')):
-                    runs[name].append(arm(old if name == 'before' else root, srv.uri))
-                    print(f"round {r + 1} {name}: " + ', '.join(f"{k} {v:.4g}" for k, v in runs[name][-1].items()),
-                          flush=True)
-        finally:
-            subprocess.run(['git', 'worktree', 'remove', '--force', str(old)], cwd=root, capture_output=True)
+    show = lambda r, name, x: print(f"round {r} {name}: " + ', '.join(f"{k} {v:.4g}" for k, v in x.items()), flush=True)
+    with tempfile.TemporaryDirectory() as t, MlflowServer(Path(t)/'srv') as srv, kit_at(ref) as (commit, old):
+        runs = rounds(lambda src: arm(src, srv.uri), old, n, show)
     keys = list(runs['after'][0])
     ratio = {k: [round(a[k] / b[k], 3) for a, b in zip(runs['after'], runs['before'])] for k in keys}
     med = lambda name, k: round(statistics.median(x[k] for x in runs[name]), 4)
-    return dict(before=commit, rounds=rounds, order='ABBA: before, after / after, before, alternating',
+    return dict(before=commit, rounds=n, order='ABBA: before, after / after, before, alternating',
                 machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only",
                 median={k: dict(before=med('before', k), after=med('after', k)) for k in keys},
                 after_over_before_per_round=ratio,

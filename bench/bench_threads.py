@@ -10,6 +10,8 @@ each in a fresh process, in interleaved rounds (ABBA order), and the report give
 Run: .venv/bin/python bench/bench_threads.py [--before REF] [--rounds N]   (writes bench/results/threads.json)
 """
 import argparse, json, os, re, statistics, subprocess, sys, tempfile, threading, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from abba import kit_at, rounds  # noqa: E402
 from collections import defaultdict
 from pathlib import Path
 
@@ -83,27 +85,14 @@ def arm(src: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def compare(ref: str, rounds: int) -> dict:
-    root = Path(subprocess.run(['git', 'rev-parse', '--show-toplevel'], cwd=HERE, capture_output=True, text=True,
-                               check=True).stdout.strip())
-    commit = subprocess.run(['git', 'rev-parse', ref], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-    with tempfile.TemporaryDirectory() as t:
-        old = Path(t)/'before'
-        subprocess.run(['git', 'worktree', 'add', '--detach', str(old), commit], cwd=root, check=True, capture_output=True)
-        try:
-            runs = {'before': [], 'after': []}
-            for r in range(rounds):
-                for name in (('before', 'after') if r % 2 == 0 else ('after', 'before')):
-                    runs[name].append(arm(old if name == 'before' else root))
-                    x = runs[name][-1]
-                    print(f"round {r + 1} {name}: kit background {x['kit_background_cpu_s_per_epoch'] * 1e3:.1f} ms CPU "
-                          f"per epoch ({x['kit_background_share']:.2%} of process CPU), epoch {x['epoch_s_median']} s",
-                          flush=True)
-        finally:
-            subprocess.run(['git', 'worktree', 'remove', '--force', str(old)], cwd=root, capture_output=True)
+def compare(ref: str, n: int) -> dict:
+    def show(r, name, x):
+        print(f"round {r} {name}: kit background {x['kit_background_cpu_s_per_epoch'] * 1e3:.1f} ms CPU per epoch "
+              f"({x['kit_background_share']:.2%} of process CPU), epoch {x['epoch_s_median']} s", flush=True)
+    with kit_at(ref) as (commit, old): runs = rounds(arm, old, n, show)
     per = lambda k: [round(a[k] / b[k], 3) for a, b in zip(runs['after'], runs['before'])]
     med = lambda name, k: statistics.median(x[k] for x in runs[name])
-    return dict(before=commit, rounds=rounds, order='ABBA: before, after / after, before, alternating',
+    return dict(before=commit, rounds=n, order='ABBA: before, after / after, before, alternating',
                 background_ms_per_epoch=dict(before=round(med('before', 'kit_background_cpu_s_per_epoch') * 1e3, 1),
                                              after=round(med('after', 'kit_background_cpu_s_per_epoch') * 1e3, 1)),
                 background_share=dict(before=med('before', 'kit_background_share'),

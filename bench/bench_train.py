@@ -23,7 +23,10 @@ from monai.utils import set_determinism
 from coronary_mlops.config import load_settings
 from coronary_mlops.tracker import MLflowTracker
 from coronary_mlops.data import CT_WINDOW, datasets, generate_phantoms
-from coronary_mlops.train import TrainConfig, build_model, evaluate, train, pick_device, amp_dtype
+from coronary_mlops.train import TrainConfig, train
+from coronary_mlops.plan import build_model, preprocessing
+from coronary_mlops.evaluate import evaluate_volumes
+from coronary_mlops.distributed import pick_device, amp_dtype
 
 OUT = Path(__file__).parent/'results'/'train.json'
 EPOCHS, ROUNDS = 8, 5
@@ -54,7 +57,7 @@ def bare_loop(cfg, cases, cache=True):
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None): loss = loss_fn(model(x), y)
             loss.backward(); opt.step(); losses.append(loss.item())
         sched.step()
-        val, _ = evaluate(model, vl, cfg, dev, amp)
+        val, _ = evaluate_volumes(model, vl, preprocessing(cfg), dev, amp)
         times.append(time.perf_counter() - t0); hist.append(dict(train_loss=float(np.mean(losses)), **val))
     return times, hist
 

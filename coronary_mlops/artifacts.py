@@ -6,9 +6,9 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/artifacts.html.md"""
 
 # %% ../nbs/api/01_artifacts.ipynb #13593485
 from __future__ import annotations
-import atexit, logging, math, shutil, tempfile, threading, time
+import atexit, inspect, logging, math, shutil, tempfile, threading, time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 import nibabel as nib
 import numpy as np
 import torch
@@ -23,9 +23,15 @@ from .storage import (CheckpointPolicy, atomic_torch_save, dumps_json, fmt_value
 from .reader import ArtifactIntegrityError, RunReader, VerifyReport
 from .uploader import ArtifactUploadError, EpochUploader, Snapshot
 
+# the front of the artifact layer: what a user of the manager needs, importable from here as from its home module
+_all_ = ['LAYOUT', 'layout_markdown', 'atomic_torch_save', 'load_checkpoint', 'read_json', 'snapshot_state',
+         'ArtifactIntegrityError', 'ArtifactUploadError', 'VerifyReport', 'Snapshot']
+
 # %% auto #0
-__all__ = ['WEIGHT_SUFFIXES', 'MLflowArtifactManager', 'default_manager', 'log_epoch_artifacts', 'log_final_model', 'flush',
-           'replay_spool', 'verify_run_artifacts']
+__all__ = ['WEIGHT_SUFFIXES', 'MLflowArtifactManager', 'same_params', 'default_manager', 'log_epoch_artifacts', 'log_final_model',
+           'flush', 'replay_spool', 'verify_run_artifacts', 'LAYOUT', 'layout_markdown', 'atomic_torch_save',
+           'load_checkpoint', 'read_json', 'snapshot_state', 'ArtifactIntegrityError', 'ArtifactUploadError',
+           'VerifyReport', 'Snapshot']
 
 # %% ../nbs/api/01_artifacts.ipynb #3d939199
 log = logging.getLogger('coronary_mlops.artifacts')
@@ -124,6 +130,22 @@ def log_epoch(self:MLflowArtifactManager,
     elif taken: model_state.used = True  # the worker gives its buffer back once the checkpoint is written
     state = (model_state if taken else self.uploader.snapshot(model_state)) if save else None
     return self.uploader.stage(run_id, epoch, ts, metrics, meta, plan, state, best, prune)
+
+# %% ../nbs/api/01_artifacts.ipynb #86fe31ff
+def same_params(to:Callable, # the function whose parameters the wrapper takes, as it takes them
+               ) -> Callable:   # a decorator
+    "Give a `*args, **kwargs` wrapper `to`'s parameters: its signature and docments are `to`'s, written once"
+    def deco(f):
+        own = [p for p in inspect.signature(f).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        names = {p.name for p in own}
+        theirs = [p for n, p in inspect.signature(to).parameters.items() if n != 'self' and n not in names]
+        head = [p for p in own if p.name == 'self']
+        tail = [p.replace(kind=p.KEYWORD_ONLY) for p in own if p.name != 'self']
+        at = next((i for i, p in enumerate(theirs) if p.kind == p.KEYWORD_ONLY), len(theirs))
+        f.__signature__ = inspect.signature(f).replace(parameters=head + theirs[:at] + tail + theirs[at:])
+        f.__delwrap__ = to  # `fastcore.docments` (and so `show_doc`) reads the parameters' comments from `to`
+        return f
+    return deco
 
 # %% ../nbs/api/01_artifacts.ipynb #5686f396
 @patch
@@ -284,18 +306,11 @@ def _close_managers():
 _ = atexit.register(_close_managers)
 
 # %% ../nbs/api/01_artifacts.ipynb #392b3314
-def log_epoch_artifacts(epoch:int, # the epoch number; folders are named epoch_NNN
-                        model_state=None, # an nn.Module or state dict, saved by the checkpoint policy
-                        metrics:Mapping|None=None, # {name: number}, logged at step=epoch and as JSON
-                        artifacts:Mapping|None=None, # {type: path | [paths] | folder | Figure | dict}
-                        metadata:Mapping|None=None, # training context; `hyperparameters` and `seed` are recognised
-                        *, run_id:str|None=None, # the run; the active run when None
-                        is_best:bool|None=None, # overrides the policy's judgement
-                        settings:Settings|None=None, # the store; see `default_manager`
-                       ) -> dict:
+@same_params(MLflowArtifactManager.log_epoch)
+def log_epoch_artifacts(*args, settings:Settings|None=None, # the store; see `default_manager`
+                        **kw) -> dict:
     "Log one epoch into the active run (or `run_id`) without blocking; see `MLflowArtifactManager.log_epoch`"
-    m = default_manager(settings)
-    return m.log_epoch(epoch, model_state, metrics, artifacts, metadata, run_id=run_id, is_best=is_best)
+    return default_manager(settings).log_epoch(*args, **kw)
 
 def log_final_model(model_info:Mapping, # what the model is, redacted
                     model_directory, # a folder of weights and config files

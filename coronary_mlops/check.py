@@ -16,7 +16,7 @@ import nibabel as nib
 from scipy import ndimage
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from .data import DataError, geometry_drift, geometry_mismatch, label_problem, read_header
+from .data import DataError, geometry_drift, geometry_mismatch, label_problem
 
 # %% auto #0
 __all__ = ['CHECK_VERSION', 'Finding', 'image_findings', 'label_findings', 'read_voxels', 'check_case', 'DataReport',

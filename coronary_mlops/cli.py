@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/cli.html.md"""
 
 # %% ../nbs/api/07_cli.ipynb #922fd32c
 from __future__ import annotations
-import argparse, contextlib, fcntl, os, shlex, shutil, signal, subprocess, sys, threading, time
+import argparse, contextlib, fcntl, os, shlex, shutil, signal, subprocess, sys, threading
 from dataclasses import fields
 from pathlib import Path
 from typing import get_args, get_type_hints
@@ -17,7 +17,8 @@ from .data import DataError, PhantomConfig, cache_plan, discover, fingerprint, s
 from .predict import InputError, load_segmenter, predict_files
 from .tracker import MLflowTracker
 from .storage import check_writable
-from .train import NonFiniteLossError, TrainConfig, cache_line, plan_run
+from .plan import TrainConfig, cache_line, plan_run
+from .train import NonFiniteLossError
 
 # %% auto #0
 __all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'store_lock', 'sync_store', 'predict_scans',
@@ -55,7 +56,8 @@ def run_training(s:Settings,              # where the run goes
                 ):
     "Train with settings `s` and `TrainConfig` `options`; print the report unless `quiet`; return the `TrainResult`"
     from coronary_mlops.tracker import MLflowTracker
-    from coronary_mlops.train import train, dist_info
+    from coronary_mlops.train import train
+    from coronary_mlops.distributed import dist_info
     if s.is_embedded: check_writable(s.store_dir)  # a read-only store: one line, before any run or database
     tracker = MLflowTracker(settings=s) if dist_info()[0] == 0 else None  # under torchrun only rank 0 opens the store
     cfg = TrainConfig.from_settings(s, **options)
@@ -273,7 +275,9 @@ def cli_parser() -> argparse.ArgumentParser:
     for c, defaults in ((t, None), (d, DEMO)):
         c.add_argument('--device', help="cpu, cuda or cuda:N (default: CUDA when present)")
         add_train_options(c, defaults)
-    cmd('ui', "open the MLflow UI on the store").add_argument('--port', type=int, default=5000)
+    cmd('ui', "open the MLflow UI on the store").add_argument(
+        '--port', type=int, default=5000, help="the port the UI listens on, on 127.0.0.1 (embedded store only; a "
+        "server's UI is at its own address)")
     cmd('sync', "upload what an outage or a killed process left in the local spool").add_argument(
         '--retry-rejected', action='store_true', help="send the records the store refused once more")
     pr = cmd('predict', "segment CT scans with a logged or registered model; masks on each scan's own grid")

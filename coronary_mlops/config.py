@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/config.html.md"""
 
 # %% ../nbs/api/00_config.ipynb #feae68c9
 from __future__ import annotations
-import configparser, contextlib, difflib, logging, os, re, shutil, threading, time, warnings
+import configparser, contextlib, difflib, logging, os, re, shutil, threading, warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
@@ -428,18 +428,25 @@ def get_or_create_experiment(settings:Settings, # the store, and the default exp
         raise
 
 # %% ../nbs/api/00_config.ipynb #c16f43c5
+_ENV_LOCK, _ENV_HELD = threading.Lock(), {}  # variable: (its value before the first override, overrides in force)
+
 @contextlib.contextmanager
 def env_override(**vars):
-    "Set environment variables for the block (a None value unsets one) and restore them afterwards"
-    old = {k: os.environ.get(k) for k in vars}
-    for k, v in vars.items():
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = str(v)
+    "Set environment variables for the block (a None value unsets one) and restore them afterwards; thread-safe"
+    with _ENV_LOCK:
+        for k, v in vars.items():
+            before, n = _ENV_HELD.get(k, (os.environ.get(k), 0))
+            _ENV_HELD[k] = (before, n + 1)
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = str(v)
     try: yield
     finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+        with _ENV_LOCK:  # overlapping blocks in other threads: the value before the first comes back after the last
+            for k in vars:
+                before, n = _ENV_HELD.pop(k)
+                if n > 1: _ENV_HELD[k] = (before, n - 1)
+                elif before is None: os.environ.pop(k, None)
+                else: os.environ[k] = before
 
 # %% ../nbs/api/00_config.ipynb #90590b95
 _API_PROBE = '/api/2.0/mlflow/experiments/get-by-name?experiment_name=coronary-mlops-probe'

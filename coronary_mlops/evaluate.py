@@ -12,19 +12,24 @@ from typing import Sequence
 import numpy as np
 import torch
 from skimage.morphology import skeletonize
-from monai.metrics import compute_average_surface_distance, compute_hausdorff_distance
+from monai.data import decollate_batch
+from monai.inferers import sliding_window_inference
+from monai.metrics import (DiceMetric, HausdorffDistanceMetric, compute_average_surface_distance,
+                           compute_hausdorff_distance)
+from monai.transforms import AsDiscrete
 from tqdm.auto import tqdm
 from .check import read_voxels
 from .data import read_header
-from .predict import Segmenter
+from .distributed import sum_across
+from .predict import Preprocessing, Segmenter
 
 # MONAI 1.5-1.6's own get_edge_surface_distance (behind HausdorffDistanceMetric and compute_hausdorff_distance) passes
 # get_mask_edges' deprecated `always_return_as_numpy`, so every HD95 warns though no call of ours passes it: this one
-# message is silenced (train imports this module, so its HausdorffDistanceMetric is covered too)
+# message is silenced, for `evaluate_cases` and for validation during training (`evaluate_volumes`) alike
 warnings.filterwarnings('ignore', r'monai\.metrics\.utils get_mask_edges:always_return_as_numpy', FutureWarning)
 
 # %% auto #0
-__all__ = ['METRICS', 'cldice', 'case_metrics', 'evaluate_cases', 'summarize', 'write_cases_csv']
+__all__ = ['METRICS', 'cldice', 'case_metrics', 'evaluate_cases', 'summarize', 'write_cases_csv', 'evaluate_volumes']
 
 # %% ../nbs/api/04b_evaluate.ipynb #2cf24e83
 def cldice(pred:torch.Tensor,  # binary prediction, (B, 1, …)
@@ -94,3 +99,44 @@ def write_cases_csv(rows:Sequence[dict], path) -> Path:
         w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader()
         w.writerows({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
     return path
+
+# %% ../nbs/api/04b_evaluate.ipynb #c761baa5
+_post_pred, _post_label = AsDiscrete(argmax=True, to_onehot=2), AsDiscrete(to_onehot=2)
+
+def _windows(model, x:torch.Tensor, pre:Preprocessing, device, amp=None) -> list[torch.Tensor]:
+    "One-hot predictions of the whole volumes in batch `x`, one per case, from ROI-sized sliding windows"
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        out = sliding_window_inference(x, pre.roi_size, pre.sw_batch_size, model, overlap=pre.overlap)
+    return [_post_pred(o.float()) for o in decollate_batch(out)]
+
+# %% ../nbs/api/04b_evaluate.ipynb #be14f57c
+def evaluate_volumes(model,                 # the network; it is put in eval mode
+                     loader,                # batches of whole volumes: `image` and `label`, resampled to `pre`
+                     pre:Preprocessing,     # window size, windows per pass, overlap and voxel spacing
+                     device,                # where to predict
+                     amp=None,              # autocast dtype (`distributed.amp_dtype`); None for float32
+                     keep_first:bool=False, # also return the first case's image, label and prediction, and case rows
+                    ) -> tuple[dict, dict|None]:
+    "Mean val_dice, val_cldice and val_hd95 over `loader`; the first case's arrays for a figure, and a row per case"
+    model.eval()
+    dice, hd = DiceMetric(include_background=False), HausdorffDistanceMetric(include_background=False, percentile=95)
+    cl, first, rows, ml = [], None, [], math.prod(pre.pixdim) / 1000
+    with torch.no_grad():
+        for b in loader:
+            x, y = b['image'].to(device), b['label'].to(device)
+            preds, labels = _windows(model, x, pre, device, amp), [_post_label(l) for l in decollate_batch(y)]
+            d, h = dice(preds, labels), hd(preds, labels, spacing=list(pre.pixdim))  # each case's values
+            c = cldice(torch.stack([p[1:] for p in preds]), torch.stack([l[1:] for l in labels])).tolist()
+            cl += c
+            if keep_first and first is None:
+                first = dict(image=x[0, 0].cpu().numpy(), label=y[0, 0].cpu().numpy(), pred=preds[0][1].cpu().numpy())
+            if keep_first:
+                names = b.get('case') or [f"case {len(rows) + i}" for i in range(len(preds))]
+                rows += [dict(case=names[i], dice=float(d[i, 0]), cldice=c[i], hd95_mm=float(h[i, 0]),
+                              pred_ml=float(preds[i][1].sum()) * ml, true_ml=float(labels[i][1].sum()) * ml)
+                         for i in range(len(preds))]
+    if first is not None: first['cases'] = rows  # this process's cases (under torchrun, rank 0 files its share)
+    h = hd.aggregate().item()  # under torchrun MONAI's metrics gather every process's cases themselves
+    total, n = sum_across(float(np.sum(cl)), len(cl), device)
+    return dict(val_dice=dice.aggregate().item(), val_cldice=total / max(n, 1),
+                val_hd95=h if math.isfinite(h) else float('nan')), first

@@ -13,7 +13,7 @@ from urllib.parse import unquote
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, path_not_unique, validate_param_and_metric_name
 
 # %% auto #0
-__all__ = ['LAYOUT', 'FILE_NAMES', 'CATEGORY_SUFFIXES', 'MAX_NAME_BYTES', 'KEY_BAD_CHARS', 'TAG_BEST_CHECKPOINT',
+__all__ = ['LAYOUT', 'FILE_NAMES', 'OVERLAY_FILE', 'CATEGORY_SUFFIXES', 'MAX_NAME_BYTES', 'KEY_BAD_CHARS', 'TAG_BEST_CHECKPOINT',
            'TAG_BEST_EPOCH', 'TAG_END_REASON', 'TAG_EARLY_STOP', 'TAG_STOPPED', 'TAG_STOP_REQUEST', 'TAG_TASK',
            'TAG_OFFLINE_ID', 'TAG_START_ID', 'TAG_TEST_MISSING', 'FIGURE_NAMES', 'epoch_dir', 'epoch_file',
            'categorize', 'type_dir', 'layout_markdown', 'check_name', 'safe_join', 'check_key', 'metric_value',
@@ -42,6 +42,7 @@ LAYOUT = {
 }
 FILE_NAMES = dict(checkpoint='model.pt', metrics='metrics.json', metadata='metadata.json', summary='summary.md',
                   manifest='manifest.json')
+OVERLAY_FILE = 'overlay.png'  # `train`'s picture of an epoch's first validation case, in its predictions folder
 
 def epoch_dir(kind:str, # an artifact type of `LAYOUT`
               epoch:int, # the epoch, as the caller counts

@@ -16,7 +16,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .config import env_override
 from .layout import FILE_NAMES, TAG_BEST_CHECKPOINT, check_name, epoch_dir
-from .storage import CHUNK, dumps_json, is_gzip, load_checkpoint, read_json, sha256_file
+from .storage import CHUNK, is_gzip, load_checkpoint, read_json, sha256_file
 
 # %% auto #0
 __all__ = ['quiet_downloads', 'ArtifactIntegrityError', 'VerifyReport', 'RunReader', 'served_decoded', 'walk']

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json, logging, os, re, shutil, threading, time, uuid
 from collections import deque
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 from fastcore.basics import patch
@@ -18,8 +18,9 @@ from .layout import copy_inside
 from .storage import disk_error, write_atomic
 
 # %% auto #0
-__all__ = ['TrackerError', 'TrackerPermissionError', 'kit_error', 'Unsent', 'Late', 'batches', 'RecordQueue', 'describe',
-           'seq_of']
+__all__ = ['RECORD_TYPES', 'KIND_CODES', 'TrackerError', 'TrackerPermissionError', 'kit_error', 'MetricRecord', 'ParamRecord',
+           'StatusRecord', 'TextRecord', 'ArtifactRecord', 'CreateRecord', 'InputRecord', 'as_record', 'dumps_record',
+           'Unsent', 'Late', 'batches', 'RecordQueue', 'folder_mb', 'describe', 'seq_of']
 
 # %% ../nbs/api/02a_record_queue.ipynb #474b7563
 log = logging.getLogger('coronary_mlops.tracker')
@@ -51,6 +52,60 @@ def kit_error(e:Exception, action:str, uri:str) -> Exception:
     if pw := os.environ.get('MLFLOW_TRACKING_PASSWORD'): text = text.replace(pw, '***')
     return TrackerError(f"MLflow refused to {action} ({code}): {redact_text(text)[:500]}")
 
+# %% ../nbs/api/02a_record_queue.ipynb #58c41c72
+class MetricRecord(NamedTuple):
+    "A metric point, with the time the loop logged it (ms since the Unix epoch)"
+    run:str; kind:str; key:str; value:float; step:int; timestamp:int
+
+class ParamRecord(NamedTuple):
+    "A param or (kind `tag`) a tag, with the time it was logged (ns)"
+    run:str; kind:str; key:str; value:str; ns:int
+
+# %% ../nbs/api/02a_record_queue.ipynb #eab40552
+class StatusRecord(NamedTuple):
+    "A run's end: FINISHED, FAILED or KILLED, and when (ms)"
+    run:str; kind:str; status:str; end_time:int
+
+class TextRecord(NamedTuple):
+    "A value too long for a param or tag, kept as a text file of the run"
+    run:str; kind:str; artifact_file:str; text:str; ns:int
+
+# %% ../nbs/api/02a_record_queue.ipynb #257f11b3
+class ArtifactRecord(NamedTuple):
+    "A file or folder to log under `artifact_path` (copied into the spool when it waits there)"
+    run:str; kind:str; source:str; artifact_path:str|None; ns:int
+
+class CreateRecord(NamedTuple):
+    "A run started while the server was down: `spec` holds its experiment, name, tags, parent and start time"
+    run:str; kind:str; spec:dict
+
+# %% ../nbs/api/02a_record_queue.ipynb #124eb6c7
+class InputRecord(NamedTuple):
+    "A dataset the run used (`mlflow.entities.Dataset`'s fields) and its context: training, validation or test"
+    run:str; kind:str; dataset:dict; context:str; ns:int
+
+# %% ../nbs/api/02a_record_queue.ipynb #8e123693
+RECORD_TYPES = dict(metric=MetricRecord, param=ParamRecord, tag=ParamRecord, status=StatusRecord, text=TextRecord,
+                    artifact=ArtifactRecord, create=CreateRecord, input=InputRecord)
+KIND_CODES = dict(metric='m', param='p', tag='t', status='end', text='text', artifact='a', create='create', input='input')
+_KIND_OF = {**{v: k for k, v in KIND_CODES.items()}, **{k: k for k in KIND_CODES}}
+_NAMED = frozenset(RECORD_TYPES.values())
+
+def as_record(r) -> tuple:
+    "`r` as its named record: a tuple or JSON list, its kind a word or the code on disk; ValueError if it is not one"
+    if type(r) in _NAMED: return r
+    if not (isinstance(r, (list, tuple)) and len(r) >= 3 and isinstance(r[0], str) and isinstance(r[1], str)):
+        raise ValueError(f"not a record: {str(r)[:60]}")
+    if (kind := _KIND_OF.get(r[1])) is None: raise ValueError(f"not a record: unknown kind {r[1][:20]!r}")
+    t = RECORD_TYPES[kind]
+    if len(r) != len(t._fields): raise ValueError(f"not a record: a {kind} has {len(t._fields)} fields, not {len(r)}")
+    return t(r[0], kind, *r[2:])
+
+def dumps_record(r) -> str:
+    "The JSON line a record is spooled as (its kind as the code on disk)"
+    r = as_record(r)
+    return json.dumps([r.run, KIND_CODES[r.kind], *r[2:]], allow_nan=True)
+
 # %% ../nbs/api/02a_record_queue.ipynb #9aaf71a8
 class Unsent(Exception):
     "A transient failure; `records` are the ones that did not reach the store, in order"
@@ -63,16 +118,16 @@ def _run_steps(recs):
     "One run's records as ('batch', run, metrics, params, tags, records) and (kind, run, record) steps, in order"
     cur = None
     for r in recs:
-        run, kind = r[0], r[1]
-        if kind in ('m', 'p', 't'):
+        run, kind = r.run, r.kind
+        if kind in ('metric', 'param', 'tag'):
             full = cur is not None and (len(cur[2]) >= MAX_METRICS_PER_BATCH or
                                         len(cur[3]) + len(cur[4]) >= MAX_PARAMS_TAGS_PER_BATCH)
-            if cur is None or cur[1] != run or full or (kind == 'p' and r[2] in cur[3]):
+            if cur is None or cur[1] != run or full or (kind == 'param' and r.key in cur[3]):
                 if cur: yield cur
                 cur = ['batch', run, [], {}, {}, []]
-            if kind == 'm': cur[2].append(Metric(r[2], r[3], r[5], r[4]))
-            elif kind == 'p': cur[3][r[2]] = Param(r[2], r[3])
-            else: cur[4][r[2]] = RunTag(r[2], r[3])  # the last value of a tag in one batch wins, as it would in order
+            if kind == 'metric': cur[2].append(Metric(r.key, r.value, r.timestamp, r.step))
+            elif kind == 'param': cur[3][r.key] = Param(r.key, r.value)
+            else: cur[4][r.key] = RunTag(r.key, r.value)  # the last value of a tag in one batch wins, as in order
             cur[5].append(r)
         else:
             if cur: yield cur; cur = None
@@ -82,7 +137,7 @@ def _run_steps(recs):
 def batches(recs):
     "Steps for `recs`, run by run (in order of first appearance); each run's own records keep their order"
     by_run = {}
-    for r in recs: by_run.setdefault(r[0], []).append(r)
+    for r in map(as_record, recs): by_run.setdefault(r.run, []).append(r)
     for rs in by_run.values(): yield from _run_steps(rs)
 
 # %% ../nbs/api/02a_record_queue.ipynb #d472efa4
@@ -105,7 +160,7 @@ class RecordQueue:
         self.online, self._next_probe = None, 0.0
         self.stats = dict(sent=0, spooled=0, replayed=0, spills=0, rejected=0, torn=0)
         self._seq = 0  # the last segment sequence number this process wrote
-        self._inflight, self._orphaned = [], False  # records the worker is sending; handed to the spool by `stop`
+        self._inflight, self._orphan = [], None  # records the worker is sending; those `stop` handed to the spool
 
     @property
     def is_server(self) -> bool: return self.tracking_uri.startswith(('http://', 'https://'))
@@ -120,7 +175,7 @@ def probe(self:RecordQueue, api:bool=False) -> bool:
         self._wedged = not probe_server(self.tracking_uri, t, api=True)
     ok = not self._wedged and probe_server(self.tracking_uri, self.probe_timeout)
     if ok != self.online and self.online is not None:
-        down = f'answering /health but not its API' if self._wedged else 'unreachable'
+        down = 'answering /health but not its API' if self._wedged else 'unreachable'
         what = 'back: replaying the spool' if ok else f'{down}: spooling to {self.spool_dir}'
         log.warning("MLflow server %s is %s", redact_uri(self.tracking_uri), what)
     self.online, self._next_probe = ok, time.monotonic() + 1.0
@@ -172,12 +227,15 @@ def cycle(self:RecordQueue):
         recs = self._take()
         if not recs: return
         if self.online and not self.spooled_segments():
-            self._inflight = recs
+            sending = self._inflight = recs
             try: self.send_records(recs); return
             except Late as u: return self.buf.extendleft(reversed(u.records))  # first in line for the next cycle
             except Unsent as u: recs = u.records; self.online = False; self._next_probe = time.monotonic() + 1.0
+            except BaseException:  # Ctrl-C or SIGTERM in the middle of a send: what was taken goes back, in order
+                if self._orphan is not sending: self.buf.extendleft(reversed(recs))
+                raise
             finally: self._inflight = []
-            if self._orphaned: return  # `stop` gave up on this thread and spooled these records itself
+            if self._orphan is sending: self._orphan = None; return  # `stop` gave up on this send and kept them
         self.keep(recs)
 
 # %% ../nbs/api/02a_record_queue.ipynb #5a475a81
@@ -199,7 +257,9 @@ def send_records(self:RecordQueue, recs:list, replay:bool=False):
         except Late: raise Late(_records(steps[i:])) from None
         except Exception as e:
             if is_permanent(e) or isinstance(e, TrackerError) or (not _transient(e) and self.probe()):
-                self._set_aside(step, e)  # refused by a store that answers: this step only, never the rest
+                # refused by a store that answers: this step only, never the rest (nor, when cut short, the later ones)
+                try: self._set_aside(step, e)
+                except Unsent as u: raise type(u)(u.records + _records(steps[i + 1:])) from u.__cause__
                 continue
             raise Unsent(_records(steps[i:])) from e
         self.stats['replayed' if replay else 'sent'] += _size(step)
@@ -208,16 +268,19 @@ def send_records(self:RecordQueue, recs:list, replay:bool=False):
 def _apply(self:RecordQueue, step):
     kind, local = step[0], step[1]
     if kind == 'create':
-        if not self.resolve(local): self.send(step, None)
+        if not self.resolve(local): self._call(step, None)
         return
     run_id = self.resolve(local)
     if run_id is None: raise TrackerError(f"run {local} was never created on the server")
     self._call(step, run_id)
 
-def _mb(step) -> float:
-    "Megabytes an artifact step uploads (0 for anything else)"
-    if step[0] != 'a' or not (src := Path(step[2][2])).exists(): return 0.0
-    return (src.stat().st_size if src.is_file() else sum(f.stat().st_size for f in src.rglob('*') if f.is_file())) / 1e6
+def folder_mb(path) -> float:
+    "Megabytes in file or folder `path` (0 if it is gone): what an upload of it sends"
+    p = Path(path)
+    if not p.exists(): return 0.0
+    return (p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob('*') if f.is_file())) / 1e6
+
+def _mb(step) -> float: return folder_mb(step[2].source) if step[0] == 'artifact' else 0.0
 
 @patch
 def _call(self:RecordQueue, step, run_id):
@@ -233,14 +296,13 @@ def _call(self:RecordQueue, step, run_id):
         raise
 
 # %% ../nbs/api/02a_record_queue.ipynb #11554dab
-_KINDS = dict(m='metric', p='param', t='tag', end='status', text='text file', a='artifact', create='run',
-              input='dataset input')
+_WORDS = dict(text='text file', create='run', input='dataset input')
 
 def describe(rec) -> str:
     "A record in words, for an error message: `metric 'loss' = 0.5 at step 3`"
-    kind = _KINDS.get(rec[1], rec[1])
-    if rec[1] == 'm': return f"{kind} {rec[2]!r} = {rec[3]!r} at step {rec[4]}"
-    if rec[1] in ('p', 't'): return f"{kind} {rec[2]!r} = {str(rec[3])[:40]!r}"
+    rec = as_record(rec); kind = _WORDS.get(rec.kind, rec.kind)
+    if rec.kind == 'metric': return f"{kind} {rec.key!r} = {rec.value!r} at step {rec.step}"
+    if rec.kind in ('param', 'tag'): return f"{kind} {rec.key!r} = {str(rec.value)[:40]!r}"
     return f"{kind} {str(rec[2])[:60]!r}"
 
 @patch
@@ -248,9 +310,9 @@ def _reject(self:RecordQueue, recs, e):
     "Set `recs` aside in `rejected/` and keep an error that names them, raised from the next flush or log call"
     d = self.spool_dir/'rejected'; d.mkdir(parents=True, exist_ok=True)
     f = d/f"{time.time_ns()}-{os.getpid()}.jsonl"
-    f.write_text(''.join(json.dumps(list(r)) + '\n' for r in recs))
+    f.write_text(''.join(dumps_record(r) + '\n' for r in recs))
     self.stats['rejected'] += len(recs)
-    run, more = self.ids.get(recs[0][0], recs[0][0]), f" (and {len(recs) - 1} more)" if len(recs) > 1 else ''
+    run, more = self.ids.get(recs[0].run, recs[0].run), f" (and {len(recs) - 1} more)" if len(recs) > 1 else ''
     if not isinstance(e, TrackerError): e = kit_error(e, f"log to run {run}", self.tracking_uri)
     what = f" Refused: {describe(recs[0])}{more}; kept in {f}."
     self.errors.append(TrackerError(f"{e}{what}") if type(e) is TrackerError else e)
@@ -265,9 +327,10 @@ def _set_aside(self:RecordQueue, step, e:Exception):
     refused, err = [], e
     for n, r in enumerate(step[5]):
         try: self._apply(next(batches([r]))); self.stats['sent'] += 1
-        except Late: raise Late(step[5][n:]) from None
         except Exception as e1:
-            if _transient(e1): raise Unsent(step[5][n:]) from e1
+            if isinstance(e1, Unsent) or _transient(e1):  # the deadline, or the store went away: the rest waits
+                if refused: self._reject(refused, err)
+                raise (Late if isinstance(e1, Late) else Unsent)(step[5][n:]) from e1
             refused.append(r); err = e1
     if refused: self._reject(refused, err)
 
@@ -295,22 +358,22 @@ def _next_name(self:RecordQueue, d:Path) -> str:
 def spool_write(self:RecordQueue, recs:list):
     "Append `recs` to the spool as one new segment per run (written to a temporary name, fsynced, renamed)"
     by_run = {}
-    for r in recs: by_run.setdefault(r[0], []).append(r)
+    for r in map(as_record, recs): by_run.setdefault(r.run, []).append(r)
     with self._spool_lock:
         for run, rs in by_run.items():
             d = self.spool_dir/run; d.mkdir(parents=True, exist_ok=True)
-            rs = [self._stage_file(r, d) if r[1] == 'a' else r for r in rs]
-            write_atomic(d/self._next_name(d), ''.join(json.dumps(list(r), allow_nan=True) + '\n' for r in rs))
+            rs = [self._stage_file(r, d) if r.kind == 'artifact' else r for r in rs]
+            write_atomic(d/self._next_name(d), ''.join(dumps_record(r) + '\n' for r in rs))
 
 @patch
 def _stage_file(self:RecordQueue, r, d:Path):
     "Copy a file or folder an artifact record points at into the spool, so later edits cannot change it"
-    src = Path(r[2])
+    src = Path(r.source)
     if d in src.parents: return r
     dst = d/'files'/uuid.uuid4().hex/src.name
     dst.parent.mkdir(parents=True, exist_ok=True)
     copy_inside(src, dst) if src.is_dir() else shutil.copy2(src, dst)  # links out of a folder stay out
-    return (r[0], 'a', str(dst), r[3], r[4])
+    return r._replace(source=str(dst))
 
 # %% ../nbs/api/02a_record_queue.ipynb #5a86aa60
 @patch
@@ -351,15 +414,9 @@ def pending(self:RecordQueue) -> int:
     return n
 
 # %% ../nbs/api/02a_record_queue.ipynb #eec2dad7
-_FIELDS = dict(m=6, p=5, t=5)  # a metric: run, kind, key, value, step, timestamp; a param or tag: ..., value, ns
-
 def _record(line:str) -> tuple:
     "One spooled record from its line; ValueError if the line is not one (valid JSON of the wrong shape included)"
-    r = json.loads(line)
-    if not (isinstance(r, list) and len(r) >= 3 and isinstance(r[0], str) and isinstance(r[1], str)
-            and len(r) >= _FIELDS.get(r[1], 3)):
-        raise ValueError(f"not a record: {line[:60]!r}")
-    return tuple(r)
+    return as_record(json.loads(line))
 
 @patch
 def read_segment(self:RecordQueue, seg:Path) -> list[tuple]:
@@ -387,7 +444,7 @@ def replay(self:RecordQueue):
         try: self.send_records(recs, replay=True)
         except Unsent as u:
             with self._spool_lock:  # keep only what did not go through, under the segment's own name
-                write_atomic(seg, ''.join(json.dumps(list(r)) + '\n' for r in u.records))
+                write_atomic(seg, ''.join(dumps_record(r) + '\n' for r in u.records))
             if isinstance(u, Late): raise
             raise ConnectionError(f"store unreachable while replaying {seg}") from u.__cause__
         seg.unlink()
@@ -445,7 +502,7 @@ def stop(self:RecordQueue, timeout:float=10):
     self._stop.set(); self._wake.set()
     if self._thread is not None: self._thread.join(timeout=timeout)
     if self._thread is not None and self._thread.is_alive() and self._inflight:
-        self._orphaned = True; self.buf.extendleft(reversed(self._inflight))  # a send still waits on the server
+        self._orphan = self._inflight; self.buf.extendleft(reversed(self._inflight))  # a send still waits
     if recs := self._take():  # whatever could not be sent in time waits in the spool: nothing is dropped
         if self.keep(recs):
             log.warning("%s records not yet in the store were kept in %s; sync() sends them", len(recs), self.spool_dir)

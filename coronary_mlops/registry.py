@@ -20,11 +20,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_TAG_VAL_LENGTH
 from tqdm.auto import tqdm
-from .config import Settings, load_settings, redact_uri, is_permanent
+from .config import Settings, load_settings, is_permanent
 from .layout import KEY_BAD_CHARS, check_name, safe_join
 from .reader import ArtifactIntegrityError, RunReader, quiet_downloads, served_decoded
 from .storage import sha256_file
-from .tracker import MLflowTracker, RunInfo, TrackerError, kit_error
+from .tracker import MLflowTracker
+from .runs import RunInfo
+from .record_queue import kit_error
 
 # %% auto #0
 __all__ = ['STAGE_ALIASES', 'STAGES', 'model_name', 'quiet_export', 'resolving_in', 'log_model', 'log_pyfunc', 'find_model_uri',

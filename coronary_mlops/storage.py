@@ -19,11 +19,11 @@ import torch
 from .config import redact
 
 # %% auto #0
-__all__ = ['NONFINITE', 'CHUNK', 'to_jsonable', 'dumps_json', 'read_json', 'sha256_file', 'is_gzip', 'gunzip_sha256', 'gzip_file',
-           'pid_alive', 'sweep_stale_temps', 'atomic_torch_save', 'UnsafeCheckpointError', 'load_checkpoint',
-           'write_atomic', 'snapshot_state', 'state_tensors', 'no_room', 'disk_error', 'Slab', 'read_slab',
-           'check_writable', 'skeleton', 'from_skeleton', 'software_versions', 'training_context', 'fmt_value',
-           'epoch_summary', 'CheckpointPolicy']
+__all__ = ['NONFINITE', 'CHUNK', 'to_jsonable', 'dumps_json', 'read_json', 'sha256_file', 'temp_name', 'is_temp_name', 'is_gzip',
+           'gunzip_sha256', 'gzip_file', 'pid_alive', 'sweep_stale_temps', 'atomic_torch_save', 'UnsafeCheckpointError',
+           'load_checkpoint', 'write_atomic', 'snapshot_state', 'state_tensors', 'no_room', 'disk_error', 'Slab',
+           'read_slab', 'check_writable', 'skeleton', 'from_skeleton', 'software_versions', 'training_context',
+           'fmt_value', 'epoch_summary', 'CheckpointPolicy']
 
 # %% ../nbs/api/01b_storage.ipynb #cb2211c7
 NONFINITE = {'NaN': math.nan, 'Infinity': math.inf, '-Infinity': -math.inf}
@@ -72,6 +72,17 @@ def sha256_file(f) -> str:
     return h.hexdigest()
 
 
+# %% ../nbs/api/01b_storage.ipynb #7fe0c061
+_TMP_RE = re.compile(r'^\..+\.tmp-(\d+)-[0-9a-f]{8}$')
+
+def temp_name(path:Path) -> Path:
+    "A temporary name beside `path` for writing it whole before a rename: `.name.tmp-<pid>-<hex>`"
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+def is_temp_name(name:str) -> bool:
+    "True for a name `temp_name` made: a file that is not (yet) what its folder holds"
+    return bool(_TMP_RE.match(name))
+
 # %% ../nbs/api/01b_storage.ipynb #695bb0d9
 def is_gzip(path) -> bool:
     "True if the file starts with the gzip magic bytes"
@@ -88,14 +99,16 @@ def gunzip_sha256(path) -> str|None:
 
 def gzip_file(src, dst) -> str:
     "Compress `src` into `dst` (level 1, no timestamp, so equal input gives equal bytes); return the sha256 of `dst`"
-    with open(src, 'rb') as f, open(dst, 'wb') as raw:
-        with gzip.GzipFile(fileobj=raw, mode='wb', compresslevel=1, mtime=0) as z:
-            while b := f.read(CHUNK): z.write(b)
+    dst = Path(dst); tmp = temp_name(dst)  # a cut-off `dst` (a full disk) must never pass for the whole file
+    try:
+        with open(src, 'rb') as f, open(tmp, 'wb') as raw:
+            with gzip.GzipFile(fileobj=raw, mode='wb', compresslevel=1, mtime=0) as z:
+                while b := f.read(CHUNK): z.write(b)
+        os.replace(tmp, dst)
+    finally: tmp.unlink(missing_ok=True)
     return sha256_file(dst)
 
 # %% ../nbs/api/01b_storage.ipynb #3b6d706a
-_TMP_RE = re.compile(r'^\..+\.tmp-(\d+)-[0-9a-f]{8}$')
-
 def pid_alive(pid:int) -> bool:
     "True if process `pid` exists (on this host)"
     try: os.kill(pid, 0); return True
@@ -115,7 +128,7 @@ def atomic_torch_save(obj, path) -> int:
     "`torch.save(obj)` to `path` atomically (temporary file, fsync, `os.replace`); return the size in bytes"
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_temps(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = temp_name(path)
     try:
         with open(tmp, 'wb') as f:
             try: torch.save(obj, f); f.flush(); os.fsync(f.fileno())
@@ -145,7 +158,7 @@ def load_checkpoint(path, map_location='cpu'):
 # %% ../nbs/api/01b_storage.ipynb #8195040b
 def write_atomic(path:Path, text:str):
     "Write `text` to `path` through a temporary file, fsynced, then renamed over it"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_name(path)
     try:
         with open(tmp, 'w') as f: f.write(text); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -7,16 +7,15 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/tracker.html.md"""
 # %% ../nbs/api/02_tracker.ipynb #8cd927a6
 from __future__ import annotations
 import atexit, contextlib, hashlib, json, logging, math, os, re, tempfile, time, uuid, weakref
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 import requests
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_RUN_NOTE
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from fastcore.basics import patch
 from .config import (EXPERIMENT_KIND_TAG, MODEL_TRAINING, Settings, load_settings, get_or_create_experiment,
@@ -25,83 +24,21 @@ from .layout import (TAG_END_REASON, TAG_OFFLINE_ID, TAG_START_ID, check_key, ch
                                    copy_inside, metric_step, metric_value)
 from .storage import to_jsonable
 from .uploader import move_spooled_run
-from .artifacts import MLflowArtifactManager
-from .record_queue import RecordQueue, TrackerError, TrackerPermissionError, kit_error
+from .artifacts import MLflowArtifactManager, same_params
+from .runs import RunInfo, flatten_params, param_value, short_value
+from .record_queue import (ArtifactRecord, CreateRecord, InputRecord, MetricRecord, ParamRecord, RecordQueue,
+                                         StatusRecord, TextRecord, TrackerError, TrackerPermissionError, folder_mb,
+                                         kit_error)
+
+# what a tracker raises and returns, importable from here as from their home modules
+_all_ = ['TrackerError', 'TrackerPermissionError', 'kit_error', 'RunInfo', 'flatten_params', 'param_value']
 
 # %% auto #0
-__all__ = ['param_value', 'flatten_params', 'RunInfo', 'ParamConflictError', 'MLflowTracker', 'TrackedRun', 'value_file']
+__all__ = ['ParamConflictError', 'MLflowTracker', 'TrackedRun', 'value_file', 'TrackerError', 'TrackerPermissionError',
+           'kit_error', 'RunInfo', 'flatten_params', 'param_value']
 
 # %% ../nbs/api/02_tracker.ipynb #57e26726
 log = logging.getLogger('coronary_mlops.tracker')
-
-# %% ../nbs/api/02_tracker.ipynb #f0671179
-def param_value(v, where:str='param') -> str:
-    "The string MLflow stores for a param value: scalars as `str`, lists, dicts and the like as compact JSON"
-    if isinstance(v, str): return v
-    if v is None or isinstance(v, (bool, int, float)): return str(v)
-    return json.dumps(to_jsonable(v, where), separators=(',', ':'))  # anything else is a TypeError naming `where`
-
-def flatten_params(params:Mapping, prefix:str='') -> dict[str, str]:
-    "`params` flattened to `{dotted.key: str}`, redacted (secret-named keys, secrets inside values and lists)"
-    out = {}
-    for k, v in params.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v: flat = flatten_params(v, key)
-        else: flat = {key: param_value(redact(v), f"param {key!r}")}
-        if clash := set(flat) & set(out):
-            raise ValueError(f"param {sorted(clash)[0]!r} is given twice (as a dotted key and as a nested one); "
-                             "rename one of them")
-        out.update(flat)
-    return redact(out) if not prefix else out
-
-# %% ../nbs/api/02_tracker.ipynb #8e818a41
-def _dt(ms) -> datetime|None: return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
-
-@dataclass
-class RunInfo:
-    "One MLflow run: status, times, params, latest metrics, tags and where its artifacts are"
-    run_id:str # the run's id in the store
-    run_name:str # its name
-    experiment_id:str # its experiment
-    status:str # RUNNING, FINISHED, FAILED or KILLED
-    start_time:datetime|None # when it started (UTC)
-    end_time:datetime|None # when it ended (UTC), None while running
-    params:dict = field(default_factory=dict) # {key: value} as MLflow stores them
-    metrics:dict = field(default_factory=dict) # {key: latest value}
-    tags:dict = field(default_factory=dict) # {key: value}
-    artifact_uri:str = '' # where its artifacts are
-
-    @classmethod
-    def from_run(cls, run) -> RunInfo:
-        i, d = run.info, run.data
-        return cls(i.run_id, i.run_name, i.experiment_id, i.status, _dt(i.start_time), _dt(i.end_time),
-                   dict(d.params), dict(d.metrics), dict(d.tags), i.artifact_uri)
-
-    @property
-    def duration_s(self) -> float|None:
-        return (self.end_time - self.start_time).total_seconds() if self.start_time and self.end_time else None
-
-    @property
-    def labels(self) -> list[str]:
-        "The labels written by `registry.sync_tags` (or by hand as tag_0 … tag_n), in order"
-        n = int(self.tags.get('tag_count') or sum(1 for k in self.tags if re.fullmatch(r'tag_\d+', k)))
-        return [self.tags[f'tag_{i}'] for i in range(n) if f'tag_{i}' in self.tags]
-
-    def _repr_markdown_(self):
-        fmt = lambda t: t.strftime('%Y-%m-%d %H:%M:%S UTC') if t else '–'
-        rows = [('run', f"`{self.run_id}` ({self.run_name})"), ('status', f"**{self.status}**"),
-                ('experiment', self.experiment_id), ('started', fmt(self.start_time)), ('ended', fmt(self.end_time)),
-                ('artifacts', f"`{self.artifact_uri}`")]
-        if self.labels: rows.append(('labels', ', '.join(self.labels)))
-        out = ['| | |', '|---|---|', *[f"| {k} | {v} |" for k, v in rows]]
-        for title, d in (('metric', self.metrics), ('param', self.params)):
-            if d: out += ['', f'| {title} | value |', '|---|---|',
-                          *[f"| `{k}` | `{_short(v)}` |" for k, v in sorted(d.items())]]
-        return '\n'.join(out)
-
-def _short(v, n:int=80) -> str:
-    s = f"{v:.6g}" if isinstance(v, float) else str(v)
-    return (s[:n] + '…' if len(s) > n else s).replace('|', '\\|')
 
 # %% ../nbs/api/02_tracker.ipynb #381cbfb6
 class ParamConflictError(ValueError):
@@ -166,15 +103,20 @@ def stats(self:MLflowTracker) -> dict:
     return self.queue.stats
 
 @patch
-def _ask(self:MLflowTracker, fn):
-    "`fn()`, a call to the store made by the caller's thread, by the queue's deadline when the store is a server"
+def _ask(self:MLflowTracker, fn, seconds:float|None=None):
+    "`fn()`, a call to the store from the caller's thread, by `seconds` (the queue's `call_timeout`) on a server"
     if not self.is_server: return fn()
-    try: return within(fn, self.queue.call_timeout, f"MLflow server {redact_uri(self.settings.tracking_uri)}")
+    wait = self.queue.call_timeout if seconds is None else seconds
+    try: return within(fn, wait, f"MLflow server {redact_uri(self.settings.tracking_uri)}")
     except TimeoutError: self.queue._wedged = True; raise
 
 def _fast_fail():
-    "Make MLflow's HTTP client give up at once (used only where the server is already known to be down)"
-    return env_override(MLFLOW_HTTP_REQUEST_MAX_RETRIES='0', MLFLOW_HTTP_REQUEST_TIMEOUT='2')
+    "Make MLflow's HTTP client give up within a second (used where the answer does not matter)"
+    return env_override(MLFLOW_HTTP_REQUEST_MAX_RETRIES='0', MLFLOW_HTTP_REQUEST_TIMEOUT='1')
+
+def _once():
+    "One attempt, no retries by MLflow's client: a run creation it retried after losing the answer made two runs"
+    return env_override(MLFLOW_HTTP_REQUEST_MAX_RETRIES='0')
 
 # %% ../nbs/api/02_tracker.ipynb #ea0d0579
 @patch(as_prop=True)
@@ -202,16 +144,17 @@ def experiment_id(self:MLflowTracker) -> str:
 def _send_step(self:MLflowTracker, step, run_id:str|None):
     "The queue's send function: one step of `record_queue.batches` into the store"
     kind, rec = step[0], step[2]
-    if kind == 'create': return self._create_synced(step[1], rec[2])
+    if kind == 'create': return self._create_synced(step[1], rec.spec)
     if kind == 'batch':
         self.client.log_batch(run_id, metrics=step[2], params=list(step[3].values()), tags=list(step[4].values()))
-    elif kind == 'end': self.client.set_terminated(run_id, rec[2], end_time=rec[3])
-    elif kind == 'text': self.client.log_text(run_id, rec[3], rec[2])
+    elif kind == 'status': self.client.set_terminated(run_id, rec.status, end_time=rec.end_time)
+    elif kind == 'text': self.client.log_text(run_id, rec.text, rec.artifact_file)
     elif kind == 'input':
-        self.client.log_inputs(run_id, [DatasetInput(Dataset(**rec[2]), [InputTag(MLFLOW_DATASET_CONTEXT, rec[3])])])
-    elif kind == 'a' and (src := Path(rec[2])).exists():
-        if src.is_file(): self.client.log_artifact(run_id, str(src), rec[3])
-        else: self.client.log_artifacts(run_id, str(src), rec[3])
+        ctx = [InputTag(MLFLOW_DATASET_CONTEXT, rec.context)]
+        self.client.log_inputs(run_id, [DatasetInput(Dataset(**rec.dataset), ctx)])
+    elif kind == 'artifact' and (src := Path(rec.source)).exists():
+        if src.is_file(): self.client.log_artifact(run_id, str(src), rec.artifact_path)
+        else: self.client.log_artifacts(run_id, str(src), rec.artifact_path)
 
 # %% ../nbs/api/02_tracker.ipynb #604e916d
 @patch
@@ -219,14 +162,16 @@ def _create_synced(self:MLflowTracker, local:str, spec:dict):
     "Create offline run `local` in the store, record its id, and move its spooled epochs to it"
     exp = self.client.get_experiment_by_name(spec['experiment'])
     eid = exp.experiment_id if exp else get_or_create_experiment(self.settings, self.client, spec['experiment'])
-    tags = {**spec['tags'], 'mlflow.runName': spec['run_name'], TAG_OFFLINE_ID: local}
-    if spec.get('parent'): tags['mlflow.parentRunId'] = self.queue.ids.get(spec['parent'], spec['parent'])
+    tags = {**spec['tags'], MLFLOW_RUN_NAME: spec['run_name'], TAG_OFFLINE_ID: local}
+    if spec.get('parent'): tags[MLFLOW_PARENT_RUN_ID] = self.queue.ids.get(spec['parent'], spec['parent'])
     # a creation whose answer never came (a deadline, a kill) may have happened all the same: never create it twice
     key = spec['tags'].get(TAG_START_ID)  # spools written before start ids were given have only the offline id
     by = f"tags.`{TAG_START_ID}` = '{key}'" if key else f"tags.`{TAG_OFFLINE_ID}` = '{local}'"
     done = self.client.search_runs([eid], by, ViewType.ALL, 1)
-    run = done[0] if done else self.client.create_run(eid, start_time=spec['start_time'], tags=tags,
-                                                      run_name=spec['run_name'])
+    if done: run = done[0]
+    else:
+        with _once():
+            run = self.client.create_run(eid, start_time=spec['start_time'], tags=tags, run_name=spec['run_name'])
     self.queue.map_id(local, run.info.run_id)
     self._params[run.info.run_id] = self._params.get(local, {})
     n = move_spooled_run(Path(self.settings.store_dir)/'spool', local, run.info.run_id)
@@ -249,7 +194,7 @@ def pending(self:MLflowTracker) -> int:
 @patch
 def sync(self:MLflowTracker) -> dict:
     "Replay everything spooled (metrics, params, tags, statuses, offline runs, artifact epochs); raise if unreachable"
-    if not self.probe():
+    if not self.queue.probe(api=True):  # a server whose API fails (503, a hung database) counts as away
         raise ConnectionError(f"MLflow server {redact_uri(self.settings.tracking_uri)} is still unreachable; "
                               f"{self.pending} records wait in {self.spool_dir}")
     before = self.stats['replayed']
@@ -270,7 +215,7 @@ def close(self:MLflowTracker, status:str='FINISHED', # how runs still open end
     left = lambda: max(0.0, deadline - time.monotonic())
     while self._stack: self.end_run(status, raise_errors=False, timeout=left())
     while not self.flush(timeout=min(10, left()), raise_errors=False) and self.online and left() > 0: time.sleep(0.2)
-    self.queue.stop(timeout=min(10, max(1.0, left())))
+    self.queue.stop(timeout=min(10, left()))
     if self._artifacts is not None: self._artifacts.close(raise_errors=False)
 
 @patch
@@ -320,8 +265,9 @@ def _open_run(self:MLflowTracker, run_name, tags:dict, parent, resume_run_id) ->
             self._params[run_id] = dict(run.data.params)
             if tags: self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         else:
-            t = {**tags, **({'mlflow.parentRunId': parent} if parent else {})}
-            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=t)
+            t = {**tags, **({MLFLOW_PARENT_RUN_ID: parent} if parent else {})}
+            eid = self.experiment_id
+            with _once(): run = self.client.create_run(eid, run_name=run_name, tags=t)
             run_id = run.info.run_id
             self._params[run_id] = {}
         return run, run_id
@@ -342,7 +288,7 @@ def start_run(self:MLflowTracker, run_name:str|None=None, # the run's name; MLfl
     "Start (or resume) a run; use the result as a context manager or call `end_run` yourself"
     if self._stack and not nested and resume_run_id is None:
         raise ValueError(f"Run {self.run_id} is still active: end it first, or pass nested=True for a child run")
-    note = {'mlflow.note.content': description} if description else {}
+    note = {MLFLOW_RUN_NOTE: description} if description else {}
     context = {} if resume_run_id else resolve_tags()  # MLflow's context providers: user, source, git commit
     tags = {k: redact_text(str(v)) for k, v in redact({**context, **(tags or {}), **note}).items()}
     for k in tags: check_key(k, 'tag')
@@ -356,9 +302,10 @@ def start_run(self:MLflowTracker, run_name:str|None=None, # the run's name; MLfl
         return self._start_offline(run_name, tags, parent, key)
     self.queue.raise_errors()
     try: run, run_id = self._ask(lambda: self._open_run(run_name, tags, parent, resume_run_id))
-    except TimeoutError as e:
+    except (TimeoutError, ConnectionError, requests.RequestException, MlflowException) as e:
+        if isinstance(e, MlflowException) and is_permanent(e): raise
         if resume_run_id: raise ConnectionError(f"Cannot resume run {resume_run_id}: {e}") from None
-        self.queue.online = False  # the creation may still happen: sync finds it by its start id
+        self.queue.online = False  # the creation may have happened all the same: sync finds it by its start id
         return self._start_offline(run_name, tags, parent, key)
     self._stack.append(run_id)
     self._activate(run_id, run.info.experiment_id, nested=bool(parent))
@@ -391,9 +338,9 @@ def _activate(self:MLflowTracker, run_id:str, experiment_id:str, nested:bool=Fal
 def _start_offline(self:MLflowTracker, run_name, tags, parent, key:str) -> TrackedRun:
     "A local run id whose creation is spooled; `sync()` creates it on the server"
     run_id = f"offline-{key}"
-    rec = ('create', dict(experiment=self.experiment_name, run_name=run_name or run_id[:16], tags=tags,
-                          parent=parent, start_time=int(time.time() * 1000)))
-    self.queue.spool_write([(run_id, *rec)])
+    spec = dict(experiment=self.experiment_name, run_name=run_name or run_id[:16], tags=tags, parent=parent,
+                start_time=int(time.time() * 1000))
+    self.queue.spool_write([CreateRecord(run_id, 'create', spec)])
     self._params[run_id] = {}
     self._stack.append(run_id); self.queue.start()
     log.warning("MLflow server %s is unreachable: run %s is logged to %s and created on the server by sync()",
@@ -416,22 +363,24 @@ def end_run(self:MLflowTracker, status:str='FINISHED', # FINISHED, FAILED or KIL
     local = run_id if run_id in self._stack else next((l for l in self._stack if self.queue.ids.get(l) == run_id),
                                                       run_id or innermost)
     if local is None: raise ValueError("No active run to end")
+    until = None if timeout is None else time.monotonic() + timeout  # one deadline, its children's included
+    left = lambda: None if until is None else max(0.0, until - time.monotonic())
     while self._stack and local in self._stack:  # ending a parent ends its unfinished children first
         child = self._stack[-1]
-        if child != local: self.end_run(status, run_id=child, raise_errors=False, timeout=timeout)
+        if child != local: self.end_run(status, run_id=child, raise_errors=False, timeout=left())
         else: break
     if local in self._stack: self._stack.remove(local)
     real = self.queue.ids.get(local, local)
     if m := self._monitors.pop(real, None) or self._monitors.pop(local, None):
         with contextlib.suppress(Exception): m.finish()
-    if reason: self.queue.push((local, 't', TAG_END_REASON, redact_text(reason), time.time_ns()))
-    self.queue.push((local, 'end', status, int(time.time() * 1000)))
-    done = self.flush(timeout=timeout, raise_errors=False)
-    if real in self._fluent or local in self._fluent:
+    if reason: self.queue.push(ParamRecord(local, 'tag', TAG_END_REASON, redact_text(reason), time.time_ns()))
+    self.queue.push(StatusRecord(local, 'status', status, int(time.time() * 1000)))
+    fluent = real in self._fluent or local in self._fluent
+    done = self.flush(timeout=None if until is None else max(0.0, left() - fluent), raise_errors=False)
+    if fluent:  # MLflow's end_run gets the last second: it only has to pop its stack, the status went above
         self._fluent.discard(real); self._fluent.discard(local)
         active = mlflow.active_run()
         if active is not None and active.info.run_id == real:
-            # the status itself was sent above; MLflow's end_run only has to pop its stack (and must not wait)
             with _fast_fail(), contextlib.suppress(Exception): mlflow.end_run(status)
     if not done:
         where = f"wait in memory for the worker or close(), then in {self.spool_dir}" if self.queue.buf else \
@@ -442,6 +391,8 @@ def end_run(self:MLflowTracker, status:str='FINISHED', # FINISHED, FAILED or KIL
     return done
 
 # %% ../nbs/api/02_tracker.ipynb #cef7ec41
+_new = tuple.__new__
+
 @patch
 def _target(self:MLflowTracker, run_id:str|None) -> str:
     if run_id is not None: return next((l for l, r in self.queue.ids.items() if r == run_id), run_id)
@@ -462,7 +413,8 @@ def log_metric(self:MLflowTracker, key:str, # the metric name (MLflow's key rule
     step = step if type(step) is int and -2**63 <= step < 2**63 else metric_step(step)
     target = self._stack[-1] if run_id is None and self._stack else self._target(run_id)
     ts = timestamp_ms or time.time_ns() // 1_000_000
-    self.queue.push((target, 'm', key, value, step, ts))
+    # tuple.__new__ builds the named record in half the time of its constructor: this line runs every step
+    self.queue.push(_new(MetricRecord, (target, 'metric', key, value, step, ts)))
 
 @patch
 def log_metrics(self:MLflowTracker, metrics:Mapping, step:int|None=None, run_id:str|None=None):
@@ -495,13 +447,13 @@ def log_params(self:MLflowTracker, params:Mapping, run_id:str|None=None) -> dict
         if k in known and known[k] != new[k][0]:
             run = self.queue.ids.get(target, target)
             raise ParamConflictError(
-                f"param {k!r} of run {run} is already {_short(known[k], 60)!r}; refusing to change it to "
-                f"{_short(new[k][0], 60)!r}. MLflow params are immutable: start a new run, or log it as a metric "
+                f"param {k!r} of run {run} is already {short_value(known[k], 60)!r}; refusing to change it to "
+                f"{short_value(new[k][0], 60)!r}. MLflow params are immutable: start a new run, or log it as a metric "
                 "or tag.")
     for k, (v, art) in new.items():
         if k in known: continue
-        if art: self.queue.push((target, 'text', art[0], art[1], ns))
-        self.queue.push((target, 'p', k, v, ns)); known[k] = v
+        if art: self.queue.push(TextRecord(target, 'text', art[0], art[1], ns))
+        self.queue.push(ParamRecord(target, 'param', k, v, ns)); known[k] = v
     return {k: v for k, (v, _) in new.items()}
 
 @patch
@@ -517,8 +469,8 @@ def set_tags(self:MLflowTracker, tags:Mapping, run_id:str|None=None):
     for k, v in redact({str(k): str(v) for k, v in tags.items()}).items():
         check_key(k, 'tag')
         if len(v) > MAX_TAG_VAL_LENGTH:
-            f, ref = _ref('tags', k, v); self.queue.push((target, 'text', f, v, ns)); v = ref
-        self.queue.push((target, 't', k, v, ns))
+            f, ref = _ref('tags', k, v); self.queue.push(TextRecord(target, 'text', f, v, ns)); v = ref
+        self.queue.push(ParamRecord(target, 'tag', k, v, ns))
 
 @patch
 def set_tag(self:MLflowTracker, key:str, value, run_id:str|None=None): self.set_tags({key: value}, run_id)
@@ -535,7 +487,7 @@ def log_dataset(self:MLflowTracker, name:str, # its name in the UI, e.g. `ImageC
     if not digest or len(digest) > 36: raise ValueError(f"digest must be 1 to 36 characters, got {digest!r}")
     ds = dict(name=name, digest=digest, source_type='local', source=json.dumps({'uri': redact_text(str(source))}),
               profile=json.dumps(to_jsonable(profile, 'profile')) if profile else None)
-    self.queue.push((self._target(run_id), 'input', ds, context, time.time_ns()))
+    self.queue.push(InputRecord(self._target(run_id), 'input', ds, context, time.time_ns()))
 
 # %% ../nbs/api/02_tracker.ipynb #ad8bf39d
 @patch
@@ -547,16 +499,18 @@ def log_artifact(self:MLflowTracker, local_path, artifact_path:str|None=None, ru
     target = self._target(run_id)
     real = self.queue.ids.get(target) or self.queue.resolve(target)
     if real and not real.startswith('offline-') and (self.queue.online or self.probe()):
+        wait = self.queue.call_timeout + folder_mb(src)  # a second a megabyte on top, as the queue allows
         try:
             if src.is_dir():  # a symlink that leaves the folder is not followed, as in `log_epoch`
                 with tempfile.TemporaryDirectory(prefix='coronary-upload-') as d:
-                    return self.client.log_artifacts(real, str(copy_inside(src, d)), artifact_path)
-            return self.client.log_artifact(real, str(src), artifact_path)
+                    inside = str(copy_inside(src, d))
+                    return self._ask(lambda: self.client.log_artifacts(real, inside, artifact_path), wait)
+            return self._ask(lambda: self.client.log_artifact(real, str(src), artifact_path), wait)
         except MlflowException as e:
             if is_permanent(e):
                 raise kit_error(e, f"upload {src.name} to run {real}", self.settings.tracking_uri) from None
         except (OSError, requests.RequestException): pass
-    self.queue.spool_write([(target, 'a', str(src), artifact_path, time.time_ns())])
+    self.queue.spool_write([ArtifactRecord(target, 'artifact', str(src), artifact_path, time.time_ns())])
     log.warning("Spooled %s for run %s: the store is unreachable", src, target)
 
 @patch
@@ -572,18 +526,12 @@ def artifacts(self:MLflowTracker) -> MLflowArtifactManager:
     return self._artifacts
 
 @patch
-def log_epoch(self:MLflowTracker, epoch:int, # the epoch number; folders are named epoch_NNN
-              model_state=None, # an nn.Module or state dict, saved by the checkpoint policy
-              metrics:Mapping|None=None, # {name: number}, logged at step=epoch and as JSON
-              artifacts:Mapping|None=None, # {type: path | [paths] | folder | Figure | dict}
-              metadata:Mapping|None=None, # training context; `hyperparameters` and `seed` are recognised
-              run_id:str|None=None, # the run; the current one when None
-              **kw, # `is_best`, passed to `MLflowArtifactManager.log_epoch`
-             ) -> dict:
+@same_params(MLflowArtifactManager.log_epoch)
+def log_epoch(self:MLflowTracker, *args, run_id:str|None=None, # the run; the current one when None
+              **kw) -> dict:
     "File one epoch in the current run through `artifacts` (see `MLflowArtifactManager.log_epoch`)"
     target = self._target(run_id)
-    run_id = self.queue.ids.get(target, target)
-    return self.artifacts.log_epoch(epoch, model_state, metrics, artifacts, metadata, run_id=run_id, **kw)
+    return self.artifacts.log_epoch(*args, run_id=self.queue.ids.get(target, target), **kw)
 
 # %% ../nbs/api/02_tracker.ipynb #163c2ac4
 @patch
@@ -621,7 +569,7 @@ def search_runs(self:MLflowTracker, experiment=None, # name, id or a list of the
     "Runs of `experiment` (name, id or a list; this tracker's when None) matching an MLflow filter string"
     f = ' and '.join(x for x in (filter, f"attributes.status = '{status.upper()}'" if status else '') if x)
     view = ViewType.ALL if include_deleted else ViewType.ACTIVE_ONLY
-    ids, order = self.experiment_ids(experiment), list(order_by or ['attributes.start_time DESC'])
+    ids, order = self._ask(lambda: self.experiment_ids(experiment)), list(order_by or ['attributes.start_time DESC'])
     runs = self._ask(lambda: self.client.search_runs(ids, f, view, max_results, order))
     return [RunInfo.from_run(r) for r in runs]
 

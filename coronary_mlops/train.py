@@ -6,243 +6,45 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/train.html.md"""
 
 # %% ../nbs/api/05_train.ipynb #387a2e2b
 from __future__ import annotations
-import json, logging, math, os, shutil, sys, tempfile, time, warnings
+import json, logging, math, shutil, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, asdict, field, fields, replace
+from dataclasses import dataclass, asdict, field
 from pathlib import Path
-from typing import Sequence
 import numpy as np
 import nibabel as nib
 import torch
-import matplotlib, matplotlib.image
-import PIL.Image
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from fastcore.basics import patch
-from monai.data import DataLoader, decollate_batch
-from monai.inferers import sliding_window_inference
+from monai.data import DataLoader
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric, HausdorffDistanceMetric
-from monai.transforms import AsDiscrete
 from monai.utils import set_determinism
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from torch.utils.data.distributed import DistributedSampler
-from .config import Settings, load_settings
-from .layout import (TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_STOP_REQUEST, TAG_STOPPED,
-                                   TAG_TASK, TAG_TEST_MISSING)
+from .layout import (OVERLAY_FILE, TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_STOP_REQUEST,
+                                   TAG_STOPPED, TAG_TASK, TAG_TEST_MISSING)
 from .storage import check_writable, snapshot_state
 from .artifacts import MLflowArtifactManager
 from .tracker import MLflowTracker
 from .uploader import Snapshot
-from .check import DataReport, check_cases
-from .data import (CT_WINDOW, available_memory, dataset_digest, datasets, discover,
-                                 find_cause, fingerprint, generate_phantoms, plan_preprocessing,
-                                 PhantomConfig)
-from .evaluate import cldice, evaluate_cases, summarize, write_cases_csv
-from .predict import Preprocessing, Segmenter, log_segmenter, unet
+from .check import DataReport
+from .data import PhantomConfig, dataset_digest
+from .evaluate import evaluate_cases, evaluate_volumes, summarize, write_cases_csv
+from .predict import Segmenter, log_segmenter
+from .plan import TrainConfig, build_model, cache_line, make_datasets, network_config, preprocessing
+from .figures import LiveCurves, live_bars, overlay_image, save_png
+from .distributed import (DistContext, amp_dtype, broadcast_flag, dist_info, mean_across,
+                                        setup_process, tracker_for)
 from . import registry
 
+_all_ = ['TrainConfig']  # `from coronary_mlops.train import TrainConfig, train`: what a run needs, from one place
+
 # %% auto #0
-__all__ = ['PHANTOM_ROI', 'CURVES_BUDGET', 'TrainConfig', 'build_model', 'network_config', 'preprocessing', 'curves_figure',
-           'overlay_image', 'save_png', 'LiveCurves', 'pick_device', 'amp_dtype', 'NonFiniteLossError',
-           'TrainingOOMError', 'oom_hint', 'dist_info', 'DistContext', 'setup_process', 'evaluate', 'TrainResult',
-           'live_bars', 'patch_bytes_per_voxel', 'patch_memory', 'plan_patch', 'plan_run', 'make_datasets',
-           'cache_line', 'Loaders', 'make_loaders', 'TrainParts', 'build_parts', 'train_epoch', 'validate',
-           'EarlyStopping', 'save_volumes', 'EpochFiler', 'Monitor', 'run_description', 'version_tags',
-           'version_description', 'train']
+__all__ = ['CURVES_BUDGET', 'NonFiniteLossError', 'TrainingOOMError', 'oom_hint', 'TrainResult', 'Loaders', 'make_loaders',
+           'TrainParts', 'build_parts', 'train_epoch', 'validate', 'EarlyStopping', 'save_volumes', 'EpochFiler',
+           'Monitor', 'run_description', 'version_tags', 'version_description', 'train', 'TrainConfig']
 
 # %% ../nbs/api/05_train.ipynb #8774f92c
 log = logging.getLogger('coronary_mlops.train')
-
-# %% ../nbs/api/05_train.ipynb #0cbf7d91
-@dataclass
-class TrainConfig:
-    "Hyperparameters of a training run; all of them are logged as params"
-    epochs:int = 30                     # passes over the training cases
-    batch_size:int = 2                  # cases per optimiser step; each gives `samples_per_case` patches
-    learning_rate:float = 3e-3          # AdamW's learning rate at the start of the cosine schedule
-    weight_decay:float = 1e-5           # AdamW's weight decay
-    seed:int = 42                       # seeds the split, the phantoms, the weights and the random patches
-    roi_size:tuple|None = None          # patch (voxels) for training and the sliding window; unset: fits the memory
-    pixdim:tuple|None = None            # spacing (mm) to resample to; unset: the data's median spacing
-    window:tuple|None = None            # HU mapped to [0, 1]; unset: vessel HU 0.5-99.5 %; --window=-200,700
-    channels:tuple = (16, 32, 64, 128)  # U-Net feature channels, one per level
-    strides:tuple = (2, 2, 2)           # U-Net downsampling between levels
-    num_res_units:int = 1               # residual units per U-Net block
-    samples_per_case:int = 4            # random patches cropped from each training case per epoch
-    val_interval:int = 1                # validate every this many epochs
-    patience:int = 10                   # stop after this many validations without a val_dice gain
-    min_delta:float = 1e-4              # the smallest val_dice gain that counts as one
-    num_workers:int = 0                 # worker processes for loading and caching
-    cache:bool = True                   # cache the deterministic transforms (in memory, or on disk over budget)
-    cache_budget_gb:float = 0.0         # memory the cache may take, else on disk; 0: half the available memory
-    amp:bool = True                     # mixed precision on CUDA (bf16 where supported, else fp16)
-    sw_batch_size:int = 2               # windows per forward pass of sliding-window inference
-    overlap:float = 0.25                # overlap of neighbouring sliding windows
-    fractions:tuple = (0.7, 0.15, 0.15) # train, validation and test shares of the cases
-    merge_labels:bool = False           # read several non-zero label classes (e.g. left and right trees) as one vessel
-
-    def __post_init__(self):
-        for k in ('epochs', 'batch_size', 'samples_per_case', 'val_interval', 'patience'):
-            if getattr(self, k) < 1: raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
-        if self.roi_size is not None and (len(self.roi_size) != 3 or min(self.roi_size) < 8):
-            raise ValueError(f"roi_size must be three sizes of at least 8, got {self.roi_size}")
-        div = 2 ** len(self.strides)
-        if self.pixdim is not None and (len(self.pixdim) != 3 or min(self.pixdim) <= 0):
-            raise ValueError(f"pixdim must be three spacings in mm above 0, got {self.pixdim}")
-        if self.window is not None and (len(self.window) != 2 or not self.window[0] < self.window[1]):
-            raise ValueError(f"window must be two HU values, low then high, got {self.window}")
-        if any(r % div for r in self.roi_size or ()):
-            raise ValueError(f"roi_size {self.roi_size} must be divisible by {div} (2 ** number of strides)")
-
-# %% ../nbs/api/05_train.ipynb #054c2c53
-@patch(cls_method=True)
-def from_settings(cls:TrainConfig, settings:Settings|None=None, **overrides) -> TrainConfig:
-    "Defaults from `settings.ini` `[training]`, then `overrides` (None means not set)"
-    s = settings or load_settings()
-    base = dict(epochs=s.epochs, batch_size=s.batch_size, learning_rate=s.learning_rate, seed=s.seed,
-                num_workers=s.num_workers, val_interval=s.val_interval,
-                roi_size=tuple(s.roi_size) if s.roi_size else None,
-                cache_budget_gb=s.cache_budget_gb)
-    known = [f.name for f in fields(cls)]
-    if bad := set(overrides) - set(known): raise TypeError(f"Unknown training options {sorted(bad)}; known: {known}")
-    return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
-
-# %% ../nbs/api/05_train.ipynb #p1a2b3c2
-PHANTOM_ROI = (48, 48, 48)  # the phantoms' patch when none is set (a default phantom is 64³)
-
-@patch
-def planned(self:TrainConfig, pixdim=None, window=None, roi_size=None) -> TrainConfig:
-    "This configuration with `pixdim`, `window` and `roi_size` filled where unset: from the arguments, else phantoms'"
-    return replace(self, pixdim=tuple(self.pixdim or pixdim or (0.8, 0.8, 0.8)),
-                   window=tuple(self.window or window or CT_WINDOW),
-                   roi_size=tuple(self.roi_size or roi_size or PHANTOM_ROI))
-
-# %% ../nbs/api/05_train.ipynb #bc50c63c
-def build_model(cfg:TrainConfig) -> torch.nn.Module:
-    "MONAI's 3D U-Net for one input channel (CT) and two classes"
-    return unet(**network_config(cfg))
-
-def network_config(cfg:TrainConfig) -> dict:
-    "The numbers that describe the network (`predict.unet`'s arguments): saved with the model"
-    return dict(channels=cfg.channels, strides=cfg.strides, num_res_units=cfg.num_res_units)
-
-def preprocessing(cfg:TrainConfig) -> Preprocessing:
-    "What a CT goes through before the network, and the sliding window: saved with the model"
-    cfg = cfg.planned()
-    return Preprocessing(pixdim=cfg.pixdim, window=cfg.window, roi_size=tuple(cfg.roi_size),
-                         sw_batch_size=cfg.sw_batch_size, overlap=cfg.overlap)
-
-# %% ../nbs/api/05_train.ipynb #55b2dd66
-def _curves_axes(fig:Figure) -> tuple:
-    "The two panels of the training curves on `fig`, titled and placed (not tight_layout: that costs a second draw)"
-    a, b = fig.subplots(1, 2)
-    a.set(title='train loss (Dice + CE)', xlabel='epoch'); b.set(title='validation', xlabel='epoch', ylim=(0, 1))
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.88, wspace=0.25)
-    return a, b
-
-def _series(history:Sequence[dict], key:str) -> tuple[list, list]:
-    "(epochs, values) of metric `key`, from the epochs that have it"
-    return [h['epoch'] for h in history if key in h], [h[key] for h in history if key in h]
-
-def curves_figure(history:Sequence[dict]) -> Figure:
-    "Training loss and validation Dice/clDice per epoch (matplotlib's object API: safe off the main thread)"
-    fig = Figure(figsize=(8, 2.8))
-    a, b = _curves_axes(fig)
-    a.plot(*_series(history, 'train_loss'), 'o-', ms=3)
-    for k in ('val_dice', 'val_cldice'):
-        xs, ys = _series(history, k)
-        if xs: b.plot(xs, ys, 'o-', ms=3, label=k)
-    if b.lines: b.legend(loc='lower right')  # before the first validation there is nothing to label
-    return fig
-
-
-# %% ../nbs/api/05_train.ipynb #e3c4ccaf
-def _edge(m:np.ndarray) -> np.ndarray:
-    "The outline of a 2D mask"
-    inner = m.copy()
-    for ax in (0, 1):
-        for sh in (1, -1): inner &= np.roll(m, sh, ax)
-    return m & ~inner
-
-def overlay_image(image:np.ndarray, # CT volume (x, y, z)
-                  label:np.ndarray, # vessel label, the same shape
-                  pred:np.ndarray,  # predicted vessel mask, the same shape
-                  scale:int=3,      # screen pixels per voxel
-                 ) -> np.ndarray:   # RGB uint8 strip
-    "Three axial slices with label (green) and prediction (magenta) outlines, then an MIP of prediction against label"
-    image, label, pred = (np.asarray(x).squeeze() for x in (image, label, pred))
-    # a full-size volume is read in a few passes (the slices holding vessels, the two MIPs); the rest is per slice
-    zs = np.nonzero(label.max((0, 1)) > 0.5)[0]
-    zs = np.quantile(zs, [0.25, 0.5, 0.75]).astype(int) if len(zs) else np.full(3, label.shape[2] // 2)
-    sl = image[:, :, zs].astype(np.float32)  # the slices shown set the contrast
-    lo, hi = np.percentile(sl, [1, 99.5]); g = np.clip((sl - lo) / (hi - lo + 1e-6), 0, 1)
-    panels = []
-    for i, z in enumerate(zs):
-        rgb = np.repeat(g[:, :, i, None], 3, -1)
-        rgb[_edge(label[:, :, z] > 0.5)] = (0.2, 1, 0.2); rgb[_edge(pred[:, :, z] > 0.5)] = (1, 0.2, 1)
-        panels.append(rgb)
-    l, p = label.max(2) > 0.5, pred.max(2) > 0.5  # in the MIP a hit is white, a miss red and a false alarm blue
-    mip = np.zeros((*l.shape, 3)); mip[l & p] = 1; mip[l & ~p] = (1, 0.2, 0.2); mip[~l & p] = (0.3, 0.5, 1)
-    panels.append(mip)
-    # rows are y, bottom up, as a radiologist looks at axial slices
-    shown = [pnl.transpose(1, 0, 2)[::-1] for pnl in panels]
-    sep = np.ones((shown[0].shape[0], 2, 3))
-    strip = (np.concatenate([x for pnl in shown for x in (pnl, sep)][:-1], 1) * 255).astype(np.uint8)
-    return strip.repeat(scale, 0).repeat(scale, 1)
-
-
-# %% ../nbs/api/05_train.ipynb #cc0433e7
-def save_png(obj, path) -> Path:
-    "Write a Figure or an RGB array as PNG (small and fast: no tight bounding box, zlib's fastest level for arrays)"
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(obj, Figure): obj.savefig(path, format='png', dpi=72)
-    elif (a := np.asarray(obj)).dtype == np.uint8 and a.ndim == 3 and a.shape[2] in (3, 4):
-        PIL.Image.fromarray(a).save(path, format='png', compress_level=1)
-    else: matplotlib.image.imsave(path, a)
-    return path
-
-
-# %% ../nbs/api/05_train.ipynb #bc3e971b
-class LiveCurves:
-    "The training curves of a run in progress, cheap to redraw: the axes span the planned epochs and are drawn once"
-    def __init__(self, epochs:range): # the epochs this call trains: the x axis
-        self.epochs, self.fig, self.top = epochs, None, 0.0
-        self.cost = 0.005  # seconds a drawing takes, smoothed; until one is timed, what one takes on 2 CPU cores
-
-    def _axes(self, top:float):
-        "Draw the figure without its lines (the picture each drawing starts from), the loss axis up to `top`"
-        self.fig = fig = Figure(figsize=(8, 2.8), dpi=72); self.canvas = FigureCanvasAgg(fig)
-        a, b = _curves_axes(fig)
-        span = (self.epochs[0] - 0.5, self.epochs[-1] + 0.5)
-        self.loss = a.plot([], [], 'o-', ms=3, animated=True)[0]  # animated: left out of the kept picture
-        self.val = {k: b.plot([], [], 'o-', ms=3, label=k, animated=True)[0] for k in ('val_dice', 'val_cldice')}
-        a.set(xlim=span, ylim=(0, top)); b.set(xlim=span); b.legend(loc='lower right')
-        self.canvas.draw(); self.background, self.top = self.canvas.copy_from_bbox(fig.bbox), top
-
-    def png(self, history:Sequence[dict], path) -> Path:
-        "Draw `history` (every epoch's metrics so far) and write it to `path` as PNG"
-        peak = max((v for h in history if math.isfinite(v := h['train_loss'])), default=1.0)
-        if self.fig is None or peak > self.top: self._axes(1.25 * peak or 1.0)  # once, or rarely: not in `cost`
-        t0 = time.perf_counter()
-        self.canvas.restore_region(self.background)
-        for k, line in {'train_loss': self.loss, **self.val}.items():
-            line.set_data(*_series(history, k)); line.axes.draw_artist(line)
-        out = save_png(np.asarray(self.canvas.buffer_rgba())[..., :3], path)
-        self.cost = 0.5 * self.cost + 0.5 * (time.perf_counter() - t0)
-        return out
-
-
-# %% ../nbs/api/05_train.ipynb #c17b8c71
-def pick_device(device:str|None=None) -> torch.device:
-    "`device`, else CUDA when present, else the CPU"
-    if device: return torch.device(device)
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-
-def amp_dtype(device:torch.device, enabled:bool=True):
-    "The autocast dtype for `device`, or None for float32"
-    if not enabled or device.type != 'cuda': return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 # %% ../nbs/api/05_train.ipynb #e18e372b
 class NonFiniteLossError(FloatingPointError):
@@ -260,109 +62,6 @@ def oom_hint(cfg:TrainConfig, device) -> str:
     return (f"Out of memory on {device}{peak} with roi_size={tuple(cfg.roi_size)}, batch_size={cfg.batch_size}, "
             f"samples_per_case={cfg.samples_per_case}. Try a smaller ROI (--roi {roi}) or batch "
             f"(--batch-size {batch}); AMP {'is on' if cfg.amp else 'is off: turn it on'}.")
-
-# %% ../nbs/api/05_train.ipynb #bbbd0bea
-def dist_info() -> tuple[int, int, int]:
-    "(rank, world size, local rank) from torchrun's environment; (0, 1, 0) in a plain process"
-    return int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('LOCAL_RANK', 0))
-
-@dataclass
-class DistContext:
-    "Which of the run's processes this is, and the device it trains on"
-    rank:int = 0; world:int = 1; device:torch.device = torch.device('cpu')
-
-def setup_process(device:str|None=None, # 'cpu', 'cuda' or 'cuda:N'; default: CUDA when present
-                  resume:str|None=None, # the run being resumed, which torchrun does not support yet
-                 ) -> DistContext:
-    "This process's place in the run; under torchrun, its GPU (or share of the cores) and the joined process group"
-    rank, world, local = dist_info()
-    dev = pick_device(device)
-    if world > 1:
-        if resume: raise ValueError("resume under torchrun is not supported yet: resume the run with one process")
-        import torch.distributed as dist
-        if dev.type == 'cuda': dev = torch.device('cuda', local); torch.cuda.set_device(dev)
-        else: torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        if not dist.is_initialized(): dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
-    return DistContext(rank, world, dev)
-
-# %% ../nbs/api/05_train.ipynb #3c5d2b8c
-def _mean_across(x:float, world:int, device) -> float:
-    if world == 1: return x
-    import torch.distributed as dist
-    t = torch.tensor([x], dtype=torch.float64, device=device); dist.all_reduce(t)
-    return float(t.item() / world)
-
-def _broadcast_flag(flag:bool, world:int, device) -> bool:
-    if world == 1: return flag
-    import torch.distributed as dist
-    t = torch.tensor([int(flag)], device=device); dist.broadcast(t, 0)
-    return bool(t.item())
-
-class _NoTracking:
-    "What ranks other than 0 log through: nothing"
-    class _Run:
-        run_id = None
-        def __enter__(self): return self
-        def __exit__(self, *exc): return False
-    class _Artifacts:
-        def flush(self): pass
-    artifacts = _Artifacts()
-    def start_run(self, *a, **k): return self._Run()
-    def __getattr__(self, name): return lambda *a, **k: None
-
-def _tracker_for(tracker, rank:int, world:int) -> tuple:
-    "(what this process logs through, the settings it trains with): only rank 0 touches the store"
-    if world > 1 and rank != 0:
-        return _NoTracking(), (tracker.settings if isinstance(tracker, MLflowTracker) else load_settings())
-    tracker = tracker or MLflowTracker()
-    return tracker, tracker.settings
-
-# %% ../nbs/api/05_train.ipynb #c761baa5
-_post_pred, _post_label = AsDiscrete(argmax=True, to_onehot=2), AsDiscrete(to_onehot=2)
-
-def _predict(model, x:torch.Tensor, cfg:TrainConfig, device, amp=None) -> list[torch.Tensor]:
-    "One-hot predictions of the whole volumes in batch `x`, one per case, from ROI-sized sliding windows"
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        out = sliding_window_inference(x, cfg.roi_size, cfg.sw_batch_size, model, overlap=cfg.overlap)
-    return [_post_pred(o.float()) for o in decollate_batch(out)]
-
-def _sum_across(total:float, n:int, device) -> tuple[float, float]:
-    "(total, n) summed over torchrun's processes; as they are in a plain process"
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return total, n
-    t = torch.tensor([total, n], dtype=torch.float64, device=device); torch.distributed.all_reduce(t)
-    return tuple(t.tolist())
-
-# %% ../nbs/api/05_train.ipynb #be14f57c
-def evaluate(model,                 # the network; it is put in eval mode
-             loader,                # batches of whole volumes: `image` and `label`
-             cfg:TrainConfig,       # window size, windows per pass, overlap and voxel spacing
-             device,                # where to predict
-             amp=None,              # autocast dtype (`amp_dtype`); None for float32
-             keep_first:bool=False, # also return the first case's image, label and prediction, and per-case rows
-            ) -> tuple[dict, dict|None]:
-    "Mean val_dice, val_cldice and val_hd95 over `loader`; the first case's arrays for a figure, and a row per case"
-    model.eval(); cfg = cfg.planned()
-    dice, hd = DiceMetric(include_background=False), HausdorffDistanceMetric(include_background=False, percentile=95)
-    cl, first, rows, ml = [], None, [], math.prod(cfg.pixdim) / 1000
-    with torch.no_grad():
-        for b in loader:
-            x, y = b['image'].to(device), b['label'].to(device)
-            preds, labels = _predict(model, x, cfg, device, amp), [_post_label(l) for l in decollate_batch(y)]
-            d, h = dice(preds, labels), hd(preds, labels, spacing=list(cfg.pixdim))  # each case's values
-            c = cldice(torch.stack([p[1:] for p in preds]), torch.stack([l[1:] for l in labels])).tolist()
-            cl += c
-            if keep_first and first is None:
-                first = dict(image=x[0, 0].cpu().numpy(), label=y[0, 0].cpu().numpy(), pred=preds[0][1].cpu().numpy())
-            if keep_first:
-                names = b.get('case') or [f"case {len(rows) + i}" for i in range(len(preds))]
-                rows += [dict(case=names[i], dice=float(d[i, 0]), cldice=c[i], hd95_mm=float(h[i, 0]),
-                              pred_ml=float(preds[i][1].sum()) * ml, true_ml=float(labels[i][1].sum()) * ml)
-                         for i in range(len(preds))]
-    if first is not None: first['cases'] = rows  # this process's cases (under torchrun, rank 0 files its share)
-    h = hd.aggregate().item()  # under torchrun MONAI's metrics gather every process's cases themselves
-    total, n = _sum_across(float(np.sum(cl)), len(cl), device)
-    return dict(val_dice=dice.aggregate().item(), val_cldice=total / max(n, 1),
-                val_hd95=h if math.isfinite(h) else float('nan')), first
 
 # %% ../nbs/api/05_train.ipynb #6b609684
 @dataclass
@@ -387,99 +86,6 @@ class TrainResult:
                 + (f"; held-out test Dice {self.test['test_dice']:.3f}" if self.test else '')
                 + (f"; **no held-out test metrics**: {self.test_missing}" if self.test_missing else '')
                 + (f"; registered {self.registered}" if self.registered else ''))
-
-# %% ../nbs/api/05_train.ipynb #a7e0b1c2
-def live_bars(stream=None) -> bool:
-    "True where progress bars redraw in place: a terminal (`stream`, default stderr), or a Jupyter kernel's widgets"
-    if (stream or sys.stderr).isatty(): return True
-    ip = sys.modules.get('IPython')
-    return ip is not None and getattr(ip.get_ipython(), 'kernel', None) is not None
-
-# %% ../nbs/api/05_train.ipynb #37266fc6
-def patch_bytes_per_voxel(cfg:TrainConfig) -> float:
-    "Bytes a training step keeps for the backward pass per voxel of one patch: autograd's saved tensors, counted"
-    model, div = build_model(cfg), 2 ** len(cfg.strides)
-    def saved(n):
-        total = 0
-        def pack(t):
-            nonlocal total; total += t.numel() * t.element_size(); return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): model(torch.zeros(1, 1, n, n, n))
-        return total
-    a, b = 2 * div, 4 * div  # the slope between two sizes: the weights, saved at both, cancel out
-    return (saved(b) - saved(a)) / (b ** 3 - a ** 3)
-
-def patch_memory(device=None) -> int:
-    "Bytes a step may take: 80 % of a CUDA device; on the CPU a quarter of the free memory, at most 8 GiB"
-    device = torch.device(device or pick_device())
-    if device.type == 'cuda': return int(0.8 * torch.cuda.get_device_properties(device).total_memory)
-    return int(min(available_memory() / 4, 8 * 2**30))  # 8 GiB: the GPU nnU-Net's reference plans are made for
-
-def plan_patch(extent_mm,             # the median case's size in mm, RAS order (`fingerprint`'s `extent_mm_median`)
-               pixdim,                # the planned spacing (mm)
-               cfg:TrainConfig,       # the network, `batch_size` and `samples_per_case`
-               memory:int,            # bytes a step may take (`patch_memory`)
-              ) -> dict:              # roi_size, and the estimate it rests on
-    "The largest patch up to the median case whose training step fits `memory`, shrinking the longest side first"
-    div, per_voxel, patches = 2 ** len(cfg.strides), patch_bytes_per_voxel(cfg), cfg.batch_size * cfg.samples_per_case
-    p = [max(2 * div, int(e / s) // div * div) for e, s in zip(extent_mm, pixdim)]
-    need = lambda p: 2 * per_voxel * patches * math.prod(p)  # saved activations, and their gradients at the peak
-    while need(p) > memory and max(p) > 2 * div: p[int(np.argmax(p))] -= div
-    return dict(roi_size=tuple(p), gb=round(need(p) / 2**30, 2), memory_gb=round(memory / 2**30, 2),
-                bytes_per_voxel=round(per_voxel, 1))
-
-# %% ../nbs/api/05_train.ipynb #83ce4aad
-def plan_run(cfg:TrainConfig,                  # what is set wins
-             cases:list,                       # the checked `{image, label}` pairs
-             phantom:PhantomConfig|None=None,  # given for phantoms: their own spacing, `CT_WINDOW` and `PHANTOM_ROI`
-             device=None,                      # whose memory the patch must fit; default `pick_device()`
-            ) -> tuple[TrainConfig, dict]:     # (`cfg` planned, the plan to log as `plan.*`)
-    "Fill `cfg`'s unset spacing, window and patch from the cases' `fingerprint` and the memory, as nnU-Net plans"
-    if phantom is not None: return cfg.planned(phantom.spacing), dict(source='phantoms')
-    unset = [k for k in ('pixdim', 'window', 'roi_size') if getattr(cfg, k) is None]
-    if not unset: return cfg, dict(source='set')
-    fp = fingerprint(cases, seed=cfg.seed)
-    p = plan_preprocessing(fp) if {'pixdim', 'window'} & set(unset) else {}
-    roi, patch = cfg.roi_size, {}
-    if roi is None:
-        patch = plan_patch(fp['extent_mm_median'], cfg.pixdim or p['pixdim'], cfg, patch_memory(device))
-        roi = patch.pop('roi_size')
-    return cfg.planned(p.get('pixdim'), p.get('window'), roi), dict(source='fingerprint', planned=', '.join(unset),
-                                                                    **fp, **{f"patch_{k}": v for k, v in patch.items()})
-
-def make_datasets(cfg:TrainConfig,                   # split fractions, seed, ROI, spacing, caching, patches per case
-                  data_dir=None,                     # a folder of image/label pairs (ImageCAS, ASOCA or Decathlon)
-                  synthetic:int|None=None,           # or this many phantoms; 12 when neither is given
-                  work_dir='.',                      # phantoms are written to its `phantoms/` folder
-                  phantom:PhantomConfig|None=None,   # what the phantoms look like
-                  cache_dir=None,                    # the disk cache's folder when over budget (`datasets`)
-                  device=None,                       # whose memory a planned patch must fit (`plan_run`)
-                  progress:bool=False,               # show the data check's progress bar
-                 ) -> dict:                          # `datasets`' train, val, test, split, cache; `cfg`, `plan`, `check`
-    "The run's datasets, from a checked, planned folder or from phantoms seeded by `cfg.seed`; bad data: `DataError`"
-    if data_dir is not None and synthetic: raise ValueError("Pass data_dir or synthetic, not both")
-    try:
-        if data_dir is not None: cases, phantom = discover(data_dir), None
-        else:
-            phantom = phantom or PhantomConfig()
-            cases = generate_phantoms(synthetic or 12, Path(work_dir)/'phantoms', seed=cfg.seed * 1000, config=phantom,
-                                      progress=live_bars())
-        check = check_cases(cases, cfg.merge_labels, cache_dir if data_dir is not None else None, progress)
-        check.raise_for_errors()  # every refused case named, before any run exists
-        cfg, plan = plan_run(cfg, cases, phantom, device)
-        ds = datasets(cases, cfg.roi_size, cfg.pixdim, cfg.seed, cfg.cache, cfg.fractions, cfg.samples_per_case,
-                      cfg.num_workers, cache_budget_gb=cfg.cache_budget_gb, cache_dir=cache_dir, window=cfg.window,
-                      merge_labels=cfg.merge_labels)
-        return {**ds, 'cfg': cfg, 'plan': plan, 'check': check}
-    except RuntimeError as e:
-        raise (find_cause(e) or e) from None  # MONAI wraps a transform's error: show the DataError inside
-
-# %% ../nbs/api/05_train.ipynb #b0d9e7b1
-def cache_line(plan:dict) -> str:
-    "The one line said before training: how big the preprocessed cases are, the budget, and where they are cached"
-    if plan.get('mode') not in ('memory', 'disk'): return "preprocessing every case every epoch (no cache)"
-    where = 'in memory' if plan['mode'] == 'memory' else \
-            f"on disk in {plan['dir']} (coronary-mlops cache --clear frees it)"
-    return f"{plan['cases']} cases ≈ {plan['need_gb']:g} GB preprocessed; budget {plan['budget_gb']:g} GB: {where}"
 
 # %% ../nbs/api/05_train.ipynb #28509e91
 @dataclass
@@ -543,7 +149,7 @@ def _train_step(parts:TrainParts, x, y, cfg:TrainConfig, proc:DistContext, amp) 
         if proc.world > 1 or bool(torch.isfinite(loss)):
             parts.scaler.scale(loss).backward(); parts.scaler.step(parts.opt); parts.scaler.update()
     except torch.cuda.OutOfMemoryError as e: raise TrainingOOMError(oom_hint(cfg, proc.device)) from e
-    return _mean_across(loss.item(), proc.world, proc.device)
+    return mean_across(loss.item(), proc.world, proc.device)
 
 def _nonfinite_loss(loss:float, batch:dict, step:int, desc:str) -> NonFiniteLossError:
     "The error that ends a run whose loss is NaN: where (epoch, step, cases) and what to try"
@@ -585,7 +191,7 @@ def validate(model,           # the network
             ) -> tuple[dict, dict|None]:
     "`evaluate` (keeping the first case for the overlay) on the epochs `cfg.val_interval` picks; ({}, None) on others"
     if (epoch + 1) % cfg.val_interval: return {}, None
-    return evaluate(model, loader, cfg, device, amp, keep_first=True)
+    return evaluate_volumes(model, loader, preprocessing(cfg), device, amp, keep_first=True)
 
 # %% ../nbs/api/05_train.ipynb #c10288fc
 @dataclass
@@ -633,7 +239,7 @@ def _log_epoch(tracker, run_id, epoch, state, m, history, first, is_best, cfg, s
         if curves is not None: arts['training_curves'] = curves.png(history, d/'curves.png')  # a `LiveCurves`
         if first:
             overlay = overlay_image(*(first[k] for k in ('image', 'label', 'pred')))
-            arts['predictions'] = [save_png(overlay, d/'overlay.png')]
+            arts['predictions'] = [save_png(overlay, d/OVERLAY_FILE)]
             if volumes: arts['predictions'] += save_volumes(first, cfg.pixdim, d)
     except BaseException:
         if isinstance(state, Snapshot): tracker.artifacts.release(state)  # its buffer serves the next epoch
@@ -643,7 +249,7 @@ def _log_epoch(tracker, run_id, epoch, state, m, history, first, is_best, cfg, s
                       metadata={'hyperparameters': asdict(cfg), 'seed': cfg.seed, 'global_step': step, **cases},
                       is_best=is_best, run_id=run_id)
     if monitor is not None:
-        try: monitor.epoch(m, history, (d/'overlay.png').read_bytes() if first else None)
+        try: monitor.epoch(m, history, (d/OVERLAY_FILE).read_bytes() if first else None)
         except Exception as e: log.warning("The live view failed (%s: %s); training goes on", type(e).__name__, e)
     shutil.rmtree(d, ignore_errors=True)
     try: return tracker.client.get_run(run_id).data.tags.get(TAG_STOP_REQUEST) == 'true'  # a monitor elsewhere
@@ -781,10 +387,10 @@ def _run_epochs(r:_RunContext, parts:TrainParts, loaders:Loaders, stopper:EarlyS
                       f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
                 t0 = time.perf_counter()
             by_hand = filer.stop_asked or getattr(r.monitor, 'stop_requested', False)
-            if _broadcast_flag(by_hand, r.proc.world, r.proc.device):  # rank 0 decides; the others follow
+            if broadcast_flag(by_hand, r.proc.world, r.proc.device):  # rank 0 decides; the others follow
                 r.tracker.set_tag(TAG_STOPPED, f"epoch {epoch}: stopped by hand")
                 break
-            if _broadcast_flag(stopper.stop, r.proc.world, r.proc.device):
+            if broadcast_flag(stopper.stop, r.proc.world, r.proc.device):
                 r.tracker.set_tag(TAG_EARLY_STOP, f"epoch {epoch}: no val_dice gain for {stopper.stale} validations")
                 break
     return history
@@ -827,7 +433,7 @@ def _end(r:_RunContext, model, test_cases:list, stopper:EarlyStopping, history:l
             result.test_missing = f"the held-out evaluation failed: {type(e).__name__}: {e}"
             log.warning("No test metrics: %s. The run ends FINISHED with its model.", result.test_missing)
             r.tracker.set_tag(TAG_TEST_MISSING, result.test_missing)
-        r.tracker.set_tag('mlflow.note.content', run_description(result))  # the run page's description
+        r.tracker.set_tag(MLFLOW_RUN_NOTE, run_description(result))  # the run page's description
     return result
 
 def _test(r:_RunContext, model, test_cases:list, result:TrainResult, step:int):
@@ -903,7 +509,7 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
          ) -> TrainResult:
     "Train a coronary segmentation model with full tracking; see above for what is logged"
     t_start = time.time()
-    tracker, base = _tracker_for(tracker, *dist_info()[:2])
+    tracker, base = tracker_for(tracker, *dist_info()[:2])
     if dist_info()[0] == 0: check_writable(base.store_dir)  # a read-only store fails here, before any run
     cfg = cfg or TrainConfig.from_settings(base)
     proc = setup_process(device, resume)

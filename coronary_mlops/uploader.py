@@ -21,7 +21,7 @@ from .config import Settings, check_reachable, probe_server, redact, redact_text
 from .layout import (FILE_NAMES, TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, epoch_dir, epoch_file, is_figure,
                                    safe_join)
 from .storage import (Slab, atomic_torch_save, disk_error, dumps_json, epoch_summary, from_skeleton,
-                                    gunzip_sha256, gzip_file, no_room, pid_alive, read_json, read_slab, sha256_file,
+                                    gunzip_sha256, gzip_file, is_temp_name, no_room, pid_alive, read_json, read_slab, sha256_file,
                                     skeleton, snapshot_state, state_tensors, to_jsonable, write_atomic)
 from .reader import RunReader
 
@@ -78,20 +78,42 @@ def read_job(job:Path, spool_dir:Path) -> dict|None:
 # %% ../nbs/api/01d_uploader.ipynb #11a62101
 @patch
 def _recover_orphans(self:EpochUploader):
-    "Move complete epochs staged by dead processes into the spool, with the checkpoints their workers had not written"
+    "Move complete epochs staged by dead processes (or closed managers) into the spool; a full disk leaves them be"
     for d in self.staging_root.glob('*-*'):
         pid = int(d.name.split('-')[0]) if d.name.split('-')[0].isdigit() else None
-        if d == self.staging or pid is None or pid_alive(pid): continue
+        if d == self.staging or pid is None or (pid_alive(pid) and d not in _LEFT): continue
+        kept = False
         for job in d.glob('*/job.json'):
-            if (spec := read_job(job.parent, self.spool_dir)) is None: continue  # torn: set aside, the rest goes on
-            rebuilt = _rebuild_checkpoint(job.parent, d, spec)
-            dst = self.spool_dir/job.parent.name
-            dst.parent.mkdir(parents=True, exist_ok=True); shutil.move(str(job.parent), dst)
-            log.warning("Recovered epoch staged by dead process %s into the spool%s: %s", pid,
-                        " (its checkpoint rebuilt from the staged snapshot)" if rebuilt else "", dst)
-        shutil.rmtree(d, ignore_errors=True)
+            try: self._recover(job.parent, d, pid)
+            except OSError as e:  # no room to rebuild or move it: it stays, and this manager starts all the same
+                if not no_room(e): raise
+                kept = True
+                log.warning("%s. Epoch folder %s stays where it is, to be filed once there is room.",
+                            disk_error(e, d, None, 'a recovered epoch').strerror, job.parent)
+        if not kept: shutil.rmtree(d, ignore_errors=True); _LEFT.discard(d)
+
+@patch
+def _recover(self:EpochUploader, job:Path, staging:Path, pid:int):
+    "Move one epoch left in `staging` into the spool, with its checkpoint rebuilt from its slab (or the slab itself)"
+    if (spec := read_job(job, self.spool_dir)) is None: return  # torn: set aside, the rest goes on
+    try: rebuilt = _rebuild_checkpoint(job, staging, spec)
+    except OSError as e:
+        if not no_room(e): raise
+        _park_slab(job, staging, spec); rebuilt = False  # the weights go with the job, to be written later
+    dst = self.spool_dir/job.name
+    dst.parent.mkdir(parents=True, exist_ok=True); shutil.move(str(job), dst)
+    log.warning("Recovered epoch staged by process %s into the spool%s: %s", pid,
+                " (its checkpoint rebuilt from the staged snapshot)" if rebuilt else "", dst)
 
 PARKED = 'snapshot.bin'  # a job's own slab: the weights of an epoch whose checkpoint the disk had no room for
+_LEFT = set()  # staging folders whose manager closed with epochs it could not file: the next manager recovers them
+
+def _park_slab(job:Path, staging:Path, spec:dict) -> bool:
+    "Move a job's slab from `staging` into the job (a rename: no room needed); True if it is there now"
+    snap = spec.get('snapshot') or {}
+    if (job/PARKED).exists(): return True
+    if not snap.get('slab') or not (src := safe_join(staging, snap['slab'])).exists(): return False
+    os.replace(src, job/PARKED); return True
 
 def _rebuild_checkpoint(job:Path, staging:Path, spec:dict) -> bool:
     "Write the checkpoint of a job whose worker never wrote it, from its slab (parked in the job, or in `staging`)"
@@ -314,15 +336,19 @@ def _park(self:EpochUploader, job:Path, spec:dict, state:Snapshot|None, e:OSErro
     slab = getattr(state, 'slab', None)
     need = slab.path.stat().st_size if slab is not None and slab.path.exists() else None
     err = disk_error(e, job.parent, need, f"the checkpoint of epoch {spec['epoch']}")
-    if state is not None:
-        if slab is None or not spec.get('snapshot'):  # a state with no slab lives only in memory: nothing to park
-            raise ArtifactUploadError(f"{err.strerror}; the epoch's weights could not be kept") from e
+    weights = state is None or (slab is not None and bool(spec.get('snapshot')))
+    if state is not None and weights:
         os.replace(slab.path, job/PARKED)  # the weights are on this disk already: a rename needs no room
         state.slab.tensors = []  # never given back: its file now belongs to this epoch
     dst = self.spool_dir/job.name
     dst.parent.mkdir(parents=True, exist_ok=True); os.replace(job, dst)
-    log.warning("%s. Epoch %s of run %s waits in %s with its weights; it goes up with the run's next epoch, or "
-                "with `coronary-mlops sync`, once there is room.", err.strerror, spec['epoch'], spec['run_id'], dst)
+    if not weights:  # a state with no slab lived only in memory: its metrics and files wait, its weights are lost
+        self._errors.append(ArtifactUploadError(
+            f"{err.strerror}. The weights of epoch {spec['epoch']} of run {spec['run_id']} could not be kept (the "
+            f"state has no snapshot on disk); its metrics and files wait in {dst}"))
+    log.warning("%s. Epoch %s of run %s waits in %s%s; it goes up with the run's next epoch, or with "
+                "`coronary-mlops sync`, once there is room.", err.strerror, spec['epoch'], spec['run_id'], dst,
+                " with its weights" if weights else " without its weights")
     return False
 
 @patch
@@ -350,7 +376,7 @@ def _render(job:Path, spec:dict):
              **{rel: dumps_json(obj, rel) for rel, obj in spec['inline'].items()}}
     for rel, text in files.items():
         f = safe_join(tree, rel)
-        if not f.exists(): f.parent.mkdir(parents=True, exist_ok=True); f.write_text(text)
+        if not f.exists(): f.parent.mkdir(parents=True, exist_ok=True); write_atomic(f, text)  # never cut off
 
 # %% ../nbs/api/01d_uploader.ipynb #3fc07cb1
 def _early(entry:tuple|None, f:Path):
@@ -369,7 +395,8 @@ def _process(self:EpochUploader, job:Path, spec:dict, hashes:dict|None=None):
     t0, run_id, epoch, tree = time.perf_counter(), spec['run_id'], spec['epoch'], job/'tree'
     check_reachable(self.settings.tracking_uri)
     mpath, early = spec['paths']['manifest'], hashes or {}
-    files = [f for f in sorted(tree.rglob('*')) if f.is_file() and f.relative_to(tree).as_posix() != mpath]
+    files = [f for f in sorted(tree.rglob('*')) if f.is_file() and f.relative_to(tree).as_posix() != mpath
+             and not is_temp_name(f.name)]  # a write a full disk or a kill cut off is not a file of the epoch
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as ex:  # hashlib releases the GIL: one file per core
         futs = {f: _early(early.get(f.relative_to(tree).as_posix()), f) or ex.submit(sha256_file, f) for f in files}
         index = self._run_index(run_id)  # read from the store while the files hash
@@ -498,7 +525,19 @@ def close(self:EpochUploader, raise_errors:bool=True):
         self._thread = None
         if self._hasher is not None: self._hasher.shutdown(wait=True); self._hasher = None
         with self._lock: self._slabs.clear()
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self._leave_staging()
+
+@patch
+def _leave_staging(self:EpochUploader):
+    "Remove the staging folder, unless epochs that could not be filed (a read-only disk) wait there with their slabs"
+    left = [j.parent for j in self.staging.glob('*/job.json')]
+    if not left: return shutil.rmtree(self.staging, ignore_errors=True)
+    keep = {s['slab'] for j in left if (s := (read_json((j/'job.json').read_text()).get('snapshot') or {})).get('slab')}
+    for f in (self.staging/'slabs').glob('*'):
+        if f.relative_to(self.staging).as_posix() not in keep: f.unlink(missing_ok=True)
+    _LEFT.add(self.staging)
+    log.warning("%d epoch(s) could not be filed and wait in %s with their weights; the next manager on this store "
+                "(or coronary-mlops sync) files them once the disk takes writes again.", len(left), self.staging)
 
 # %% ../nbs/api/01d_uploader.ipynb #f93d3ac8
 def _job_order(job:Path) -> tuple:

@@ -16,6 +16,14 @@ def clean_env(monkeypatch, tmp_path):
     return tmp_path
 
 
+def log_tiny_model(example_shape=(1, 1, 8, 8, 8)):
+    "Log a tiny Conv3d as the active run's MLflow model (pt2 format, no pickle)"
+    import mlflow, torch
+    net = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
+    mlflow.pytorch.log_model(net, name='model', input_example=torch.randn(*example_shape).numpy(), pip_requirements=['torch'])
+    return net
+
+
 def run_cli(*args, env=None, cwd=None, check=True):
     "Run the installed `coronary-mlops` command and return the CompletedProcess"
     exe = shutil.which('coronary-mlops', path=str(BIN)) or 'coronary-mlops'
@@ -85,3 +93,68 @@ def docs_site():
                        text=True)
     if p.returncode: pytest.fail(f"tools/build_docs.py --check failed:\n{p.stderr[-3000:]}", pytrace=False)
     return ROOT/'_docs'
+
+
+# --- fault injection: in-process sync, metric points, a small disk that fills, calls that must return in time -------
+def sync(s, *extra, capsys=None):
+    "`coronary-mlops sync` in this process (the command's own code; a fresh process costs ~7 s of imports)"
+    from coronary_mlops.cli import main
+    rc = main(['--store-dir', s.store_dir, '--tracking-uri', s.tracking_uri, 'sync', *extra])
+    return rc, capsys.readouterr() if capsys else None
+
+
+def points(client, run_id, key):
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    "A 6 MB tmpfs (root mounts it; skipped where mounting is not allowed), unmounted after the test"
+    d = tmp_path/'small'; d.mkdir()
+    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=6m', 'tmpfs', str(d)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip('cannot mount a tmpfs here')
+    yield d
+    subprocess.run(['umount', '-l', str(d)], capture_output=True)
+
+
+def fill(disk, leave=0):
+    "Fill `disk` until at most `leave` bytes are free (its `filler` file); `free` gives the room back"
+    f = Path(disk)/'filler'
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        left = shutil.disk_usage(disk).free - leave
+        while left > 0:
+            n = min(left, 2**20)
+            try: os.write(fd, b'\0' * n)
+            except OSError: break
+            left -= n
+        if leave == 0:
+            try:
+                while True: os.write(fd, b'\0' * 4096)
+            except OSError: pass
+    finally: os.close(fd)
+    return f
+
+
+def free(disk): (Path(disk)/'filler').unlink(missing_ok=True)
+
+
+def disk_store(small, tmp, name, **kw):
+    "(settings, client, run id): a store on the small disk, its tracking database and artifact root in `tmp`"
+    from coronary_mlops.config import load_settings
+    s = load_settings(False, store_dir=str(small/'store'), tracking_uri=f'sqlite:///{tmp}/meta.db', experiment_name=name, **kw)
+    c = s.client()
+    eid = c.create_experiment(name, artifact_location=str(tmp/'art'/name))
+    return s, c, c.create_run(eid).info.run_id
+
+
+def timed(fn, limit):
+    "(finished, seconds, result or exception) of fn() on a daemon thread, waiting at most `limit` seconds"
+    import threading, time
+    out = {}
+    def run():
+        try: out['v'] = fn()
+        except BaseException as e: out['e'] = e
+    t0 = time.monotonic(); t = threading.Thread(target=run, daemon=True); t.start(); t.join(limit)
+    return not t.is_alive(), time.monotonic() - t0, out.get('e', out.get('v'))

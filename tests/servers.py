@@ -136,15 +136,20 @@ class MlflowServer:
     def __exit__(self, *exc): self.stop()
 
 
-class WedgingProxy:
-    """An HTTP proxy on loopback in front of `target` that forwards everything, until `wedged` is set: then `/health`
-    still answers while every other call hangs (a server whose database is stuck). Held calls are dropped, never
-    forwarded, when `release()` is called or the proxy stops. `held` counts the calls it is holding."""
-    def __init__(self, target):
-        import threading
+class FaultProxy:
+    """An HTTP proxy on loopback in front of `target`. While `armed` is set, each call is matched against `rules`, a
+    list of (regex on 'METHOD path', action) checked in order: ('hang',) holds the call before forwarding it;
+    ('hang_after',) forwards it, then holds the answer; ('delay', s) forwards it after `s` seconds; ('status', code)
+    answers `code` at once. Held calls are dropped (connection closed), never forwarded, on `release()` or when the
+    proxy stops. `held` counts the calls held; `forwarded` lists the calls that reached the server."""
+    WEDGED = [(r' /api/', ('hang',))]  # a server whose database is stuck: /health answers, the API hangs
+
+    def __init__(self, target, rules=WEDGED):
+        import re, threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         import requests
-        self.target, self.wedged, self._drop, self.held = target.rstrip('/'), threading.Event(), threading.Event(), 0
+        self.target, self.rules, self.armed, self._drop = target.rstrip('/'), list(rules), threading.Event(), threading.Event()
+        self.held, self.forwarded = 0, []
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -152,11 +157,20 @@ class WedgingProxy:
             def log_message(self, *a): pass
             def _any(self):
                 body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
-                if proxy.wedged.is_set() and not self.path.startswith('/health'):
-                    proxy.held += 1
-                    proxy._drop.wait(600); self.close_connection = True; return
+                what = f"{self.command} {self.path}"
+                act = next((a for rx, a in proxy.rules if re.search(rx, what)), None) if proxy.armed.is_set() else None
+                if act and act[0] == 'hang':
+                    proxy.held += 1; proxy._drop.wait(600); self.close_connection = True; return
+                if act and act[0] == 'status':
+                    msg = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "injected"}'
+                    self.send_response(act[1]); self.send_header('Content-Type', 'application/json')
+                    self.send_header('Content-Length', str(len(msg))); self.end_headers(); self.wfile.write(msg); return
+                if act and act[0] == 'delay': time.sleep(act[1])
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ('host', 'content-length', 'connection')}
                 r = requests.request(self.command, proxy.target + self.path, headers=headers, data=body, timeout=120)
+                proxy.forwarded.append(what)
+                if act and act[0] == 'hang_after':
+                    proxy.held += 1; proxy._drop.wait(600); self.close_connection = True; return
                 self.send_response(r.status_code)
                 for k, v in r.headers.items():
                     if k.lower() not in ('content-length', 'transfer-encoding', 'connection', 'content-encoding'): self.send_header(k, v)
@@ -169,6 +183,6 @@ class WedgingProxy:
 
     @property
     def uri(self): return f"http://127.0.0.1:{self.port}"
-    def release(self): self.wedged.clear(); self._drop.set()
+    def release(self): self.armed.clear(); self._drop.set()
     def __enter__(self): self._thread.start(); return self
     def __exit__(self, *exc): self.release(); self.server.shutdown(); self.server.server_close()

@@ -1,7 +1,7 @@
 """A real browser: JupyterLab on loopback runs the quickstart tutorial in headless Chromium (Debian's, driven by
 Playwright's Python package), the panels render, a click on Register reaches the registry; the docs home page renders.
 Screenshots go to tests/_artifacts/."""
-import os, re, shutil, socket, subprocess, sys, time
+import os, re, shutil, socket, subprocess, time
 from pathlib import Path
 
 import pytest

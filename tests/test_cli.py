@@ -1,6 +1,5 @@
 "The `coronary-mlops` command end to end, as a new user runs it: a real process and a real embedded store"
-import os, signal, subprocess, sys, time
-from pathlib import Path
+import os, signal, subprocess, time
 import pytest
 from mlflow import MlflowClient
 from conftest import run_cli, BIN

@@ -6,21 +6,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from coronary_mlops.config import load_settings
 from coronary_mlops.tracker import MLflowTracker
-from servers import MlflowServer, WedgingProxy, free_port
+from servers import FaultProxy, MlflowServer, free_port
+from conftest import points, sync
 
 pytestmark = pytest.mark.server
 CLI = str(Path(sys.executable).parent/'coronary-mlops')
-
-
-def sync(s, *extra, capsys=None):
-    "`coronary-mlops sync` in this process (the command's own code; a fresh process costs ~7 s of imports)"
-    from coronary_mlops.cli import main
-    rc = main(['--store-dir', s.store_dir, '--tracking-uri', s.tracking_uri, 'sync', *extra])
-    return rc, capsys.readouterr() if capsys else None
-
-
-def points(client, run_id, key):
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
 @pytest.fixture
@@ -102,7 +92,7 @@ def test_a_spool_segment_cut_anywhere_replays_what_it_holds_and_sets_aside_the_r
     [seg] = tr.queue.spooled_segments(run)
     data = seg.read_bytes(); seg.write_bytes(data[:int(cut * len(data))])
     *lines, last = data[:int(cut * len(data))].split(b'\n')
-    whole = len(lines) + (last == data.split(b'\n')[len(lines)])  # a last line cut only of its newline is whole
+    whole = len(lines) + (bool(last) and last == data.split(b'\n')[len(lines)])  # a line cut only of its newline is whole
     partial = int(bool(last) and whole == len(lines))
     tr.queue.replay()  # raises nothing
     assert points(tr.client, run, 'loss') == [(i, float(i)) for i in range(whole)]
@@ -191,17 +181,6 @@ def test_records_the_store_refused_are_sent_again_with_retry_rejected(tmp_path, 
         rc, out = sync(s, '--retry-rejected', capsys=capsys)
         assert rc == 0 and '0 set aside' in out.out, out
     assert points(MLflowTracker(settings=s).client, run, 'loss') == [(i, float(i)) for i in range(5)]
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    "A 6 MB tmpfs (root mounts it; skipped where mounting is not allowed), unmounted after the test"
-    d = tmp_path/'small'; d.mkdir()
-    if os.geteuid() != 0 or subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=6m', 'tmpfs', str(d)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip('cannot mount a tmpfs here')
-    yield d
-    subprocess.run(['umount', '-l', str(d)], capture_output=True)
 
 
 def test_a_full_disk_under_the_store_is_a_named_error_not_a_sigbus_and_logging_goes_on_once_there_is_room(small_disk, clean_env):
@@ -335,13 +314,13 @@ def test_spool_files_that_are_json_of_the_wrong_shape_are_set_aside_too(tmp_path
 
 def test_a_server_that_answers_health_but_hangs_counts_as_down_and_every_deadline_holds(tmp_path, clean_env, capsys):
     "MLflow retries a hung call 7 times with 120 s each: end_run(timeout=60) was still blocked at 7 minutes"
-    with MlflowServer(tmp_path/'srv') as srv, WedgingProxy(srv.uri) as px:
+    with MlflowServer(tmp_path/'srv') as srv, FaultProxy(srv.uri) as px:
         s = load_settings(False, store_dir=str(tmp_path/'client'), tracking_uri=px.uri, experiment_name='wedged')
         tr = MLflowTracker(settings=s, call_timeout=3)
         run = tr.start_run(run_name='live').run_id
         tr.log_metric('loss', 0.0, step=0)
         assert tr.flush() is True
-        px.wedged.set()
+        px.armed.set()
         for step in range(1, 101): tr.log_metric('loss', float(step), step=step)
         t0 = time.monotonic(); done = tr.end_run(timeout=5); took = time.monotonic() - t0
         assert done is False and took < 6.5, took

@@ -1,5 +1,5 @@
 "Inference from the registry: `coronary-mlops predict`, the pyfunc, `mlflow models serve`, native-space metrics"
-import json, os, subprocess, sys, urllib.request
+import json, os, subprocess, urllib.request
 import numpy as np
 import nibabel as nib
 import pytest

@@ -1,22 +1,14 @@
 "MLflowTracker and the registry helpers on the embedded store and on a real PostgreSQL + S3 server stack"
-import json, logging, os, subprocess, sys, textwrap, time
+import json, logging, subprocess, sys, textwrap, time
 from pathlib import Path
 import mlflow, pytest, requests, torch
-from mlflow.exceptions import MlflowException
 from coronary_mlops.config import load_settings
 from coronary_mlops.tracker import MLflowTracker, ParamConflictError, TrackerError, TrackerPermissionError, RunInfo
 from coronary_mlops import registry
-from servers import MlflowServer, free_port
-from conftest import stack_server
+from servers import free_port
+from conftest import log_tiny_model, stack_server
 
 pytestmark = pytest.mark.server
-
-
-def _log_model(example_shape=(1, 1, 8, 8, 8)):
-    "Log a tiny Conv3d as the active run's MLflow model (pt2 format, no pickle)"
-    net = torch.nn.Conv3d(1, 2, 3, padding=1).eval()
-    mlflow.pytorch.log_model(net, name='model', input_example=torch.randn(*example_shape).numpy(), pip_requirements=['torch'])
-    return net
 
 
 def test_seed_workflow(store, tmp_path):
@@ -32,7 +24,7 @@ def test_seed_workflow(store, tmp_path):
             tr.log_params({'model': {'channels': [16, 32], 'dropout': 0.1}, 'lr': 3e-4})
             for step in range(50): tr.log_metrics({'train/loss': 1 / (step + 1), 'val_dice': dice * step / 49}, step=step)
             tr.log_artifact(tmp_path/'cfg.json', 'config')
-            _log_model()
+            log_tiny_model()
         ids[name] = run.run_id
     info = tr.get_run_info(ids['b'])
     assert isinstance(info, RunInfo) and info.status == 'FINISHED' and info.run_name == 'b'
@@ -124,57 +116,6 @@ def test_metrics_order_and_memory_cap(store):
     hist = tr.client.get_metric_history(run.run_id, 'loss')
     assert [(m.step, m.value) for m in sorted(hist, key=lambda m: (m.timestamp, m.step))] == [(s, float(s)) for s in range(5000)]
     assert tr.pending == 0
-
-
-def test_register_refuses_unfinished_and_missing_model(store):
-    tr = MLflowTracker(settings=store)
-    run = tr.start_run()
-    _log_model()
-    with pytest.raises(ValueError, match='is RUNNING; only FINISHED runs are registered'): registry.register_model(run.run_id, tracker=tr)
-    mv = registry.register_model(run.run_id, tracker=tr, require_finished=False)  # the override still works
-    assert mv.run_id == run.run_id
-    tr.end_run()
-    with tr.start_run() as empty: pass
-    with pytest.raises(ValueError, match='has no logged model'): registry.register_model(empty.run_id, tracker=tr)
-    with pytest.raises(ValueError, match='Unknown stage'): registry.set_stage(mv.name, mv.version, 'prod', tracker=tr)
-    with pytest.raises(ValueError, match='not usable'): registry.set_alias(mv.name, mv.version, 'v3', tracker=tr)
-
-
-def test_promote_best_and_reuse(store):
-    tr = MLflowTracker(settings=store)
-    runs = {}
-    for dice in (0.7, 0.9, float('nan')):
-        with tr.start_run() as r:
-            tr.log_metric('val_dice', dice)
-            _log_model()
-        runs[dice] = r.run_id
-    with tr.start_run() as bad:  # better, but FAILED: never promoted
-        tr.log_metric('val_dice', 0.99); tr.end_run('FAILED')
-    mv = registry.promote_best(metric='val_dice', mode='max', tracker=tr)
-    assert mv.run_id == runs[0.9] and mv.aliases == ['champion']
-    again = registry.promote_best(metric='val_dice', mode='max', alias='prod-eu', tracker=tr)
-    assert again.version == mv.version and set(again.aliases) == {'champion', 'prod-eu'}
-    with pytest.raises(ValueError, match='No FINISHED run'): registry.promote_best(metric='val_hd95', tracker=tr)
-
-
-def test_label_sync_both_ways(store):
-    tr = MLflowTracker(settings=store)
-    with tr.start_run() as a: pass
-    with tr.start_run() as b: pass
-    registry.sync_tags(a.run_id, ['LAD', 'stenosis>50%', 'site A'], tracker=tr)
-    registry.sync_tags(b.run_id, ['RCA', 'site A'], tracker=tr)
-    assert registry.read_tags(a.run_id, tracker=tr) == ['LAD', 'stenosis>50%', 'site A']
-    assert tr.get_run_info(a.run_id).labels == ['LAD', 'stenosis>50%', 'site A']
-    found = lambda label: {r.run_id for r in tr.search_runs(filter=f"tags.`{registry.label_key(label)}` = 'true'")}
-    assert found('site A') == {a.run_id, b.run_id} and found('LAD') == {a.run_id}
-    assert registry.label_key('stenosis>50%') == 'tag.stenosis_50_'
-    registry.sync_tags(a.run_id, ['RCA'], tracker=tr)  # mirrors exactly: old labels go
-    tags = tr.get_run_info(a.run_id).tags
-    assert registry.read_tags(a.run_id, tracker=tr) == ['RCA'] and 'tag_1' not in tags and 'tag.LAD' not in tags
-    assert found('RCA') == {a.run_id, b.run_id}
-    for bad, msg in (([''], 'Empty label'), (['a,b'], 'comma'), (['x' * 300], 'at most')):
-        with pytest.raises(ValueError, match=msg): registry.sync_tags(a.run_id, bad, tracker=tr)
-    assert registry.read_tags(a.run_id, tracker=tr) == ['RCA']  # a refused sync changes nothing
 
 
 def test_artifacts_bulk_download_and_epochs(store, tmp_path):
@@ -314,7 +255,7 @@ def test_basic_auth_read_only_user(auth_server, tmp_path, clean_env, monkeypatch
     with admin.start_run() as run:
         admin.log_params({'lr': 1e-3, 'mlflow_tracking_password': pw['admin']})
         admin.log_metric('val_dice', 0.8)
-        _log_model()
+        log_tiny_model()
     mv = registry.register_model(run.run_id, tracker=admin)  # the team's model exists; READ users may not add versions
     admin.close()
     monkeypatch.setenv('MLFLOW_TRACKING_USERNAME', 'reader'); monkeypatch.setenv('MLFLOW_TRACKING_PASSWORD', pw['reader'])
@@ -342,22 +283,6 @@ def test_basic_auth_read_only_user(auth_server, tmp_path, clean_env, monkeypatch
     texts = [str(x) for x in errors] + [r.getMessage() for r in caplog.records] + [json.dumps([info.params, info.tags])] + \
             [f.read_text(errors='ignore') for a in arts for f in ([a] if a.is_file() else a.rglob('*')) if f.is_file()]
     for secret in pw.values(): assert not any(secret in t for t in texts)
-
-
-# --- ONNX --------------------------------------------------------------------------------------------------------
-
-def test_onnx_matches_torch(clean_env, tmp_path):
-    "The exported 3D U-Net runs in onnxruntime within atol 1e-4 + rtol 1e-3 of torch; a wrong graph is caught"
-    from monai.networks.nets import UNet
-    tr = MLflowTracker(settings=load_settings(False, store_dir=str(tmp_path/'s')))
-    torch.manual_seed(0)
-    net = UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
-    x = torch.randn(1, 1, 32, 32, 32)
-    with tr.start_run() as run: path = registry.export_onnx(net, x, tmp_path/'model.onnx', run_id=run.run_id, tracker=tr)
-    assert float(tr.get_run_info(run.run_id).tags['onnx.max_abs_diff']) < 1e-4
-    assert registry.check_onnx(net, torch.randn(3, 1, 32, 32, 32), path) < 1e-4  # dynamic batch axis
-    with torch.no_grad(): next(net.parameters()).add_(0.5)  # the ONNX file now holds the old weights
-    with pytest.raises(AssertionError, match='ONNX and torch disagree'): registry.check_onnx(net, x, path)
 
 
 def test_refused_records_are_kept_and_raised(clean_env, tmp_path):

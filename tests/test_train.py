@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 import nibabel as nib
-import numpy as np, pytest, torch
+import pytest, torch
 from coronary_mlops.config import load_settings
 from coronary_mlops.tracker import MLflowTracker
 from coronary_mlops.data import DataError, PhantomConfig, generate_phantoms, make_phantom, save_nifti

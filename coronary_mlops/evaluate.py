@@ -1,4 +1,4 @@
-"""Metrics that compare with published tables: reference clDice; Dice, HD95, ASSD and volumes on each case's own grid
+"""Metrics that compare with published tables: Dice, reference clDice, HD95, ASSD, Betti errors and volumes, on each case's own grid
 
 Docs: https://coronary-mlops.github.io/coronary_mlops/api/evaluate.html.md"""
 
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Sequence
 import numpy as np
 import torch
+from scipy import ndimage
+from skimage.measure import euler_number
 from skimage.morphology import skeletonize
 from monai.data import decollate_batch
 from monai.inferers import sliding_window_inference
@@ -29,7 +31,8 @@ from .predict import Preprocessing, Segmenter
 warnings.filterwarnings('ignore', r'monai\.metrics\.utils get_mask_edges:always_return_as_numpy', FutureWarning)
 
 # %% auto #0
-__all__ = ['METRICS', 'cldice', 'case_metrics', 'evaluate_cases', 'summarize', 'write_cases_csv', 'evaluate_volumes']
+__all__ = ['METRICS', 'cldice', 'betti_numbers', 'betti_errors', 'case_metrics', 'evaluate_cases', 'summarize', 'write_cases_csv',
+           'evaluate_volumes']
 
 # %% ../nbs/api/04b_evaluate.ipynb #2cf24e83
 def cldice(pred:torch.Tensor,  # binary prediction, (B, 1, …)
@@ -46,12 +49,29 @@ def cldice(pred:torch.Tensor,  # binary prediction, (B, 1, …)
         out.append(2 * tprec * tsens / (tprec + tsens))
     return torch.tensor(out, dtype=torch.float64)
 
+# %% ../nbs/api/04b_evaluate.ipynb #3aca86fa
+def betti_numbers(mask:np.ndarray) -> tuple[int, int]:
+    "(b0, b1) of a 3-D binary mask: its 26-connected pieces, and its loops (from the Euler characteristic)"
+    m = np.asarray(mask) > 0
+    if not m.any(): return 0, 0
+    nz = np.nonzero(m)
+    m = np.pad(m[tuple(slice(int(i.min()), int(i.max()) + 1) for i in nz)], 1)  # its box, and a border of background
+    b0 = ndimage.label(m, structure=np.ones((3, 3, 3), bool))[1]
+    b2 = ndimage.label(~m)[1] - 1  # background pieces (6-connected) other than the outside: cavities
+    return int(b0), int(b0 + b2 - euler_number(m, connectivity=3))
+
+# %% ../nbs/api/04b_evaluate.ipynb #e48253c5
+def betti_errors(pred:np.ndarray, label:np.ndarray) -> tuple[int, int]:
+    "(Betti-0 error, Betti-1 error): how many pieces and loops the prediction has too many or too few"
+    (p0, p1), (l0, l1) = betti_numbers(pred), betti_numbers(label)
+    return abs(p0 - l0), abs(p1 - l1)
+
 # %% ../nbs/api/04b_evaluate.ipynb #38c71dc4
 def case_metrics(pred:np.ndarray,  # predicted vessel mask on the case's grid
                  label:np.ndarray, # true vessel mask, the same shape
                  spacing,          # the grid's voxel spacing (mm)
-                ) -> dict:         # dice, cldice, hd95_mm, assd_mm, pred_ml, true_ml
-    "Dice, reference clDice, HD95 and ASSD in mm, and both vessel volumes in mL, of one case on its own grid"
+                ) -> dict:         # dice, cldice, hd95_mm, assd_mm, betti0_error, betti1_error, pred_ml, true_ml
+    "Dice, reference clDice, HD95 and ASSD in mm, Betti errors, and both vessel volumes in mL, of one case on its grid"
     p, l = np.asarray(pred) > 0, np.asarray(label) > 0
     if p.shape != l.shape: raise ValueError(f"Prediction {p.shape} and label {l.shape} differ in shape")
     sp = [float(s) for s in spacing]
@@ -65,10 +85,11 @@ def case_metrics(pred:np.ndarray,  # predicted vessel mask on the case's grid
     return dict(dice=float(2 * (p & l).sum() / total) if total else 1.0, cldice=float(cldice(pt, lt)[0]),
                 hd95_mm=dist(compute_hausdorff_distance, percentile=95),
                 assd_mm=dist(compute_average_surface_distance, symmetric=True),
+                **dict(zip(('betti0_error', 'betti1_error'), betti_errors(p, l))),
                 pred_ml=float(p.sum() * ml), true_ml=float(l.sum() * ml))
 
 # %% ../nbs/api/04b_evaluate.ipynb #1c51715b
-METRICS = ('dice', 'cldice', 'hd95_mm', 'assd_mm')
+METRICS = ('dice', 'cldice', 'hd95_mm', 'assd_mm', 'betti0_error', 'betti1_error')
 
 def evaluate_cases(seg:Segmenter,           # the model with its preprocessing
                    cases:Sequence[dict],    # `{image, label}` file paths
@@ -83,12 +104,14 @@ def evaluate_cases(seg:Segmenter,           # the model with its preprocessing
     return rows
 
 def summarize(rows:Sequence[dict], prefix:str='test_') -> dict:
-    "Mean and standard deviation of each metric over `rows` (NaN left out); `<prefix>undefined_hd95` counts those"
+    "Mean and SD of each metric over `rows` (NaN left out), and of the volume difference; `undefined_hd95` counts NaNs"
     out = {}
     for k in METRICS:
         v = np.array([r[k] for r in rows], float); ok = v[np.isfinite(v)]
         name = prefix + k.replace('_mm', '')
         out[name], out[f"{name}_std"] = (float(ok.mean()), float(ok.std())) if len(ok) else (math.nan, math.nan)
+    d = np.array([r['pred_ml'] - r['true_ml'] for r in rows], float)  # predicted minus true vessel volume
+    out[f"{prefix}vol_diff_ml"], out[f"{prefix}vol_diff_ml_std"] = float(d.mean()), float(d.std())
     out[f"{prefix}undefined_hd95"] = float(sum(not math.isfinite(r['hd95_mm']) for r in rows))
     return out
 

@@ -149,3 +149,18 @@ def test_pyfunc_and_mlflow_models_serve_answer_on_loopback(registered, tmp_path)
         assert np.array(arr).shape == img.shape
     finally:
         proc.terminate(); proc.wait(30); log.close()
+
+
+def test_a_vessel_the_prediction_breaks_costs_one_betti_0_error_on_an_anisotropic_lps_grid(tmp_path):
+    "Issue 25: Betti errors on each case's own grid, whatever its affine; Dice barely notices the break"
+    from coronary_mlops.predict import Preprocessing, Segmenter
+    from coronary_mlops.evaluate import betti_numbers, evaluate_cases
+    case = tube_case(tmp_path/'data')
+    img = nib.load(case['image']); a = np.asanyarray(img.dataobj).copy()
+    a[18:24] = np.where(a[18:24] == 400, 40, a[18:24])  # the tube missing from the image for 2.4 mm
+    nib.save(nib.Nifti1Image(a, img.affine), case['image'])
+    seg = Segmenter(Threshold(), Preprocessing(pixdim=(0.8, 0.8, 0.8), roi_size=(16, 16, 16)), device='cpu')
+    row, = evaluate_cases(seg, [case], progress=False)
+    mask = seg(case['image'])['mask']
+    assert betti_numbers(mask) == (2, 0) and betti_numbers(np.asanyarray(nib.load(case['label']).dataobj)) == (1, 0)
+    assert (row['betti0_error'], row['betti1_error']) == (1, 0) and row['dice'] > 0.5

@@ -303,7 +303,8 @@ def start_run(self:MLflowTracker, run_name:str|None=None, # the run's name; MLfl
     self.queue.raise_errors()
     try: run, run_id = self._ask(lambda: self._open_run(run_name, tags, parent, resume_run_id))
     except (TimeoutError, ConnectionError, requests.RequestException, MlflowException) as e:
-        if isinstance(e, MlflowException) and is_permanent(e): raise
+        # offline is for a server that is away; an embedded store's error (a locked SQLite file) is the caller's
+        if not self.is_server or (isinstance(e, MlflowException) and is_permanent(e)): raise
         if resume_run_id: raise ConnectionError(f"Cannot resume run {resume_run_id}: {e}") from None
         self.queue.online = False  # the creation may have happened all the same: sync finds it by its start id
         return self._start_offline(run_name, tags, parent, key)

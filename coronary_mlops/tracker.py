@@ -374,6 +374,9 @@ def end_run(self:MLflowTracker, status:str='FINISHED', # FINISHED, FAILED or KIL
     real = self.queue.ids.get(local, local)
     if m := self._monitors.pop(real, None) or self._monitors.pop(local, None):
         with contextlib.suppress(Exception): m.finish()
+    if self._artifacts is not None:  # the epochs it filed go up (or to the spool) before its status changes
+        try: self._artifacts.flush(timeout=left())
+        except Exception as e: log.warning("Run %s: its artifact uploads had not finished when it ended (%s)", real, e)
     if reason: self.queue.push(ParamRecord(local, 'tag', TAG_END_REASON, redact_text(reason), time.time_ns()))
     self.queue.push(StatusRecord(local, 'status', status, int(time.time() * 1000)))
     fluent = real in self._fluent or local in self._fluent

@@ -162,7 +162,7 @@ def make_datasets(cfg:TrainConfig,                   # split fractions, seed, RO
                   cache_dir=None,                    # the disk cache's folder when over budget (`datasets`)
                   device=None,                       # whose memory a planned patch must fit (`plan_run`)
                   progress:bool=False,               # show the data check's progress bar
-                 ) -> dict:                          # `datasets`' train, val, test, split, cache; `cfg`, `plan`, `check`
+                 ) -> dict:                          # `datasets`' splits and cache; `cfg`, `plan`, `check`
     "The run's datasets, from a checked, planned folder or from phantoms seeded by `cfg.seed`; bad data: `DataError`"
     if data_dir is not None and synthetic: raise ValueError("Pass data_dir or synthetic, not both")
     try:

@@ -87,7 +87,8 @@ class InputRecord(NamedTuple):
 # %% ../nbs/api/02a_record_queue.ipynb #8e123693
 RECORD_TYPES = dict(metric=MetricRecord, param=ParamRecord, tag=ParamRecord, status=StatusRecord, text=TextRecord,
                     artifact=ArtifactRecord, create=CreateRecord, input=InputRecord)
-KIND_CODES = dict(metric='m', param='p', tag='t', status='end', text='text', artifact='a', create='create', input='input')
+KIND_CODES = dict(metric='m', param='p', tag='t', status='end', text='text', artifact='a', create='create',
+                  input='input')  # the kinds' codes on disk, as spools have always been written
 _KIND_OF = {**{v: k for k, v in KIND_CODES.items()}, **{k: k for k in KIND_CODES}}
 _NAMED = frozenset(RECORD_TYPES.values())
 

@@ -21,8 +21,8 @@ from .config import Settings, check_reachable, probe_server, redact, redact_text
 from .layout import (FILE_NAMES, TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, epoch_dir, epoch_file, is_figure,
                                    safe_join)
 from .storage import (Slab, atomic_torch_save, disk_error, dumps_json, epoch_summary, from_skeleton,
-                                    gunzip_sha256, gzip_file, is_temp_name, no_room, pid_alive, read_json, read_slab, sha256_file,
-                                    skeleton, snapshot_state, state_tensors, to_jsonable, write_atomic)
+                                    gunzip_sha256, gzip_file, is_temp_name, no_room, pid_alive, read_json, read_slab,
+                                    sha256_file, skeleton, snapshot_state, state_tensors, to_jsonable, write_atomic)
 from .reader import RunReader
 
 # %% auto #0

@@ -67,6 +67,7 @@ def _run_id(self:MLflowArtifactManager, run_id:str|None) -> str:
         raise ValueError("No run: pass run_id=..., or call inside `with mlflow.start_run():`")
     return r.info.run_id
 
+# %% ../nbs/api/01_artifacts.ipynb #6bae0cd5
 @patch
 def _policy(self:MLflowArtifactManager, run_id:str) -> CheckpointPolicy:
     "The run's checkpoint policy, with the best score so far read from the run (so a resumed run continues it)"
@@ -153,16 +154,19 @@ def flush(self:MLflowArtifactManager, timeout:float|None=None):
     "Wait until every queued epoch is uploaded or spooled; raise the first error the worker met"
     self.uploader.flush(timeout)
 
+# %% ../nbs/api/01_artifacts.ipynb #bea82c34
 @patch
 def close(self:MLflowArtifactManager, raise_errors:bool=True):
     "Flush, stop the worker and remove this manager's staging folder"
     self.uploader.close(raise_errors)
 
+# %% ../nbs/api/01_artifacts.ipynb #dce59ea9
 @patch
 def spooled(self:MLflowArtifactManager, run_id:str|None=None) -> list[Path]:
     "Spooled epochs waiting to be replayed, oldest epoch first"
     return self.uploader.spooled(run_id)
 
+# %% ../nbs/api/01_artifacts.ipynb #cfd734f2
 @patch
 def replay_spool(self:MLflowArtifactManager, run_id:str|None=None, quiet:bool=False) -> int:
     "Upload spooled epochs into their runs, in order; stop at the first that still fails. Return how many went up"
@@ -174,11 +178,13 @@ def epochs(self:MLflowArtifactManager, run_id:str) -> list[int]:
     "The epochs run `run_id` holds in the store (see `RunReader.epochs`)"
     return self.reader.epochs(run_id)
 
+# %% ../nbs/api/01_artifacts.ipynb #2a61c5b3
 @patch
 def manifest(self:MLflowArtifactManager, run_id:str, epoch:int) -> dict|None:
     "Epoch `epoch`'s manifest, or None (see `RunReader.manifest`)"
     return self.reader.manifest(run_id, epoch)
 
+# %% ../nbs/api/01_artifacts.ipynb #2598bcc2
 @patch
 def download(self:MLflowArtifactManager, run_id:str, # the run
              path:str, # the logical run-relative path, as `log_epoch` returned it
@@ -189,12 +195,14 @@ def download(self:MLflowArtifactManager, run_id:str, # the run
     check_name(path); self.flush()
     return self.reader.download(run_id, path, dst, entry)
 
+# %% ../nbs/api/01_artifacts.ipynb #75dc5a83
 @patch
 def verify(self:MLflowArtifactManager, run_id:str) -> VerifyReport:
     "Check the run's stored files against its manifests (see `RunReader.verify`)"
     self.flush()
     return self.reader.verify(run_id)
 
+# %% ../nbs/api/01_artifacts.ipynb #8c86fa97
 @patch
 def best_checkpoint(self:MLflowArtifactManager, run_id:str, map_location='cpu') -> dict|None:
     "The run's best checkpoint, checked against its manifest and loaded with `weights_only=True`; None if none"
@@ -207,12 +215,11 @@ def snapshot(self:MLflowArtifactManager, model_state) -> Snapshot:
     "Copy `model_state` (an `nn.Module` or a state dict) now, for a `log_epoch` made later or on another thread"
     return self.uploader.snapshot(model_state)
 
-
+# %% ../nbs/api/01_artifacts.ipynb #92ff5321
 @patch
 def release(self:MLflowArtifactManager, snap:Snapshot):
     "Give back the buffer of a `snapshot` that will not be filed (`log_epoch` does, for one the policy does not save)"
     if not snap.used: snap.used = True; self.uploader._give_back(snap.slab)
-
 
 # %% ../nbs/api/01_artifacts.ipynb #46969045
 @patch
@@ -300,6 +307,7 @@ def default_manager(settings:Settings|None=None) -> MLflowArtifactManager:
         if s.tracking_uri not in _MANAGERS: _MANAGERS[s.tracking_uri] = MLflowArtifactManager(s)
         return _MANAGERS[s.tracking_uri]
 
+# %% ../nbs/api/01_artifacts.ipynb #7c6d34b2
 def _close_managers():
     for m in list(_MANAGERS.values()): m.close(raise_errors=False)
 
@@ -312,6 +320,7 @@ def log_epoch_artifacts(*args, settings:Settings|None=None, # the store; see `de
     "Log one epoch into the active run (or `run_id`) without blocking; see `MLflowArtifactManager.log_epoch`"
     return default_manager(settings).log_epoch(*args, **kw)
 
+# %% ../nbs/api/01_artifacts.ipynb #a6fbdabd
 def log_final_model(model_info:Mapping, # what the model is, redacted
                     model_directory, # a folder of weights and config files
                     best_metrics:Mapping, # the best epoch's metrics
@@ -321,14 +330,17 @@ def log_final_model(model_info:Mapping, # what the model is, redacted
     "Log the final model folder into the active run (or `run_id`); see `MLflowArtifactManager.log_final_model`"
     return default_manager(settings).log_final_model(model_info, model_directory, best_metrics, run_id=run_id)
 
+# %% ../nbs/api/01_artifacts.ipynb #cc3c1cfd
 def flush(settings:Settings|None=None):
     "Wait for the background uploads of `log_epoch_artifacts`"
     for m in ([default_manager(settings)] if settings else list(_MANAGERS.values())): m.flush()
 
+# %% ../nbs/api/01_artifacts.ipynb #90941357
 def replay_spool(run_id:str|None=None, settings:Settings|None=None) -> int:
     "Upload spooled epochs into their runs; return how many"
     return default_manager(settings).replay_spool(run_id)
 
+# %% ../nbs/api/01_artifacts.ipynb #c9dced55
 def verify_run_artifacts(run_id:str, settings:Settings|None=None) -> VerifyReport:
     "Recompute every hash of the run from the store and report missing, modified and extra files"
     return default_manager(settings).verify(run_id)

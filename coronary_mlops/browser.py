@@ -34,6 +34,7 @@ def read_volume(path) -> tuple[np.ndarray, tuple]:
     v = Orientation('RAS')(LoadImage(image_only=True, ensure_channel_first=True)(path))
     return np.asarray(v[0]), tuple(float(s) for s in v.pixdim[:3])
 
+# %% ../nbs/api/06b_browser.ipynb #a2ab4941
 AXES = {'axial': 2, 'coronal': 1, 'sagittal': 0}  # RAS: axial slices are across S, coronal across A, sagittal across R
 
 def slice_rgb(image:np.ndarray,           # 3D volume
@@ -123,6 +124,7 @@ def redraw(self:SliceViewer):
                           f" · {'×'.join(map(str, self.image.shape))} at {'×'.join(f'{s:g}' for s in self.spacing)} mm"
                           f"{level}")
 
+# %% ../nbs/api/06b_browser.ipynb #dc106732
 @patch
 def _repr_markdown_(self:SliceViewer) -> str:
     b64 = base64.b64encode(self.img.value).decode()
@@ -182,6 +184,7 @@ def _start(self:ArtifactBrowser, run_id, experiment):
     self._fill(self.experiment, opts, exp_id if exp_id is not None else (opts[0][1] if opts else None))
     self._load_runs(run_id)
 
+# %% ../nbs/api/06b_browser.ipynb #3bca33c5
 @patch
 def _load_runs(self:ArtifactBrowser, want:str|None=None):
     runs = self.tracker.search_runs(self.experiment.value, max_results=500) if self.experiment.value else []
@@ -189,13 +192,6 @@ def _load_runs(self:ArtifactBrowser, want:str|None=None):
     if not any(v == want for _, v in opts): want = opts[0][1] if opts else None
     self._fill(self.run_select, opts, want)
     self._open_run()
-
-@patch
-def refresh(self:ArtifactBrowser):
-    "Read the experiment's runs again (new runs, new epochs), keeping the run and epoch shown"
-    run, ep = self.run_select.value, self.epoch.value
-    self._load_runs(run)
-    if ep is not None and ep in (self.run.epochs if self.run else []) and self.epoch.value != ep: self.epoch.value = ep
 
 # %% ../nbs/api/06b_browser.ipynb #dad6adfb
 @patch
@@ -211,6 +207,7 @@ def _open_run(self:ArtifactBrowser):
         return self._clear(f"Run {self.run.run_id} ({info.status}) has no epochs filed by the artifact manager.")
     self._show_epoch()
 
+# %% ../nbs/api/06b_browser.ipynb #aadbbbc6
 @patch
 def _clear(self:ArtifactBrowser, why:str):
     self.metrics.value = f"<i>{html.escape(why)}</i>"
@@ -224,6 +221,7 @@ def _demote(bundle:dict, by:int=3) -> dict:
     smaller = lambda m: '#' * min(6, len(m[1]) + by) + ' '
     return {**bundle, 'text/markdown': re.sub(r'^(#{1,3}) ', smaller, bundle['text/markdown'], flags=re.M)}
 
+# %% ../nbs/api/06b_browser.ipynb #4f92082f
 @patch
 def _show_epoch(self:ArtifactBrowser):
     if self.run is None or self.epoch.value is None: return
@@ -243,6 +241,7 @@ def strip_epoch(path:str) -> str:
     "`path` without its `epoch_NNN` folder, to match a file across epochs"
     return '/'.join(p for p in path.split('/') if not (p.startswith('epoch_') and p[6:].isdigit()))
 
+# %% ../nbs/api/06b_browser.ipynb #cf82dd27
 @patch
 def _fill_tree(self:ArtifactBrowser):
     if self.run is None or self.epoch.value is None: return
@@ -253,6 +252,7 @@ def _fill_tree(self:ArtifactBrowser):
     self._fill(self.tree, [(f"{e['path']}  ({fmt_size(e['size'])})", e['path']) for e in files], pick)
     self._preview()
 
+# %% ../nbs/api/06b_browser.ipynb #a44df02a
 VOLUME_ROLES = {'label': 'label', 'pred': 'pred', 'seg': 'pred', 'image': 'image', 'img': 'image'}
 
 def volume_role(name:str) -> str|None:
@@ -260,6 +260,7 @@ def volume_role(name:str) -> str|None:
     words = re.split(r'[^a-z]+', name.lower())
     return next((VOLUME_ROLES[w] for w in words if w in VOLUME_ROLES), None)
 
+# %% ../nbs/api/06b_browser.ipynb #02ed0a41
 @patch
 def _preview(self:ArtifactBrowser):
     self.viewer.children = ()
@@ -283,6 +284,14 @@ def _preview(self:ArtifactBrowser):
     shown = ', '.join(parts[k].rsplit('/', 1)[-1] for k in same)
     show_in(self.preview, {'text/plain': f"{shown}: {'×'.join(map(str, vols[role][0].shape))} voxels, "
                                        "in the slice viewer below"})
+
+# %% ../nbs/api/06b_browser.ipynb #bfbe33c9
+@patch
+def refresh(self:ArtifactBrowser):
+    "Read the experiment's runs again (new runs, new epochs), keeping the run and epoch shown"
+    run, ep = self.run_select.value, self.epoch.value
+    self._load_runs(run)
+    if ep is not None and ep in (self.run.epochs if self.run else []) and self.epoch.value != ep: self.epoch.value = ep
 
 # %% ../nbs/api/06b_browser.ipynb #bdcd826b
 @patch

@@ -192,6 +192,7 @@ def _rows(findings:Sequence[Finding], limit:int) -> list[str]:
     rows = [f"  {f.level:7} {f.what:18} {f.message}" for f in findings[:limit]]
     return rows + ([f"  … and {len(findings) - limit} more"] if len(findings) > limit else [])
 
+# %% ../nbs/api/04c_check.ipynb #e92088a6
 @patch
 def text(self:DataReport, limit:int=50) -> str:
     "Plain text: how many cases, errors and warnings, then the findings"
@@ -208,12 +209,14 @@ def raise_for_errors(self:DataReport):
     raise DataError(f"{n} of {len(self.cases)} cases cannot be used, so no run was started:\n"
                     + '\n'.join(_rows(errs, 20)) + "\n`coronary-mlops plan --data DIR` lists every finding.")
 
+# %% ../nbs/api/04c_check.ipynb #d8b92352
 @patch
 def to_dict(self:DataReport) -> dict:
     "JSON-ready, for the run's `data/check.json`"
     return dict(cases=len(self.cases), errors=[asdict(f) for f in self.errors],
                 warnings=[asdict(f) for f in self.warnings])
 
+# %% ../nbs/api/04c_check.ipynb #4667da1e
 @patch
 def _repr_markdown_(self:DataReport) -> str:
     rows = '\n'.join(f"| {f.level} | `{f.what}` | {f.message} |" for f in self.findings[:50])
@@ -237,6 +240,7 @@ def _kept(path:Path|None) -> dict:
     except (OSError, ValueError): return {}
     return kept if isinstance(kept, dict) else {}
 
+# %% ../nbs/api/04c_check.ipynb #a073eb49
 def _keep(path:Path|None, kept:dict):
     "Write `kept` atomically (another process may read it); a store that cannot be written just keeps nothing"
     if path is None: return

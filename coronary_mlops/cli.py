@@ -1,4 +1,4 @@
-"""The `coronary-mlops` command: `info`, `train`, `demo`, `plan`, `predict`, `sync`, `cache` and `ui`
+"""The `coronary-mlops` command: `info`, `train`, `demo`, `plan`, `predict`, `evaluate`, `sync`, `cache` and `ui`
 
 Docs: https://coronary-mlops.github.io/coronary_mlops/api/cli.html.md"""
 
@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/cli.html.md"""
 
 # %% ../nbs/api/07_cli.ipynb #922fd32c
 from __future__ import annotations
-import argparse, contextlib, fcntl, os, shlex, shutil, signal, subprocess, sys, threading
+import argparse, contextlib, fcntl, os, shlex, shutil, signal, subprocess, sys, textwrap, threading
 from dataclasses import fields
 from pathlib import Path
 from typing import get_args, get_type_hints
@@ -15,6 +15,7 @@ from .config import load_settings, probe_server, redact_uri, Settings, SettingsE
 from .check import check_cases
 from .data import DataError, PhantomConfig, cache_plan, discover, fingerprint, split_cases
 from .predict import InputError, load_segmenter, predict_files
+from .score import log_scores, score_folders
 from .tracker import MLflowTracker
 from .storage import check_writable
 from .plan import TrainConfig, cache_line, plan_run
@@ -22,7 +23,8 @@ from .train import NonFiniteLossError
 
 # %% auto #0
 __all__ = ['DEMO', 'store_report', 'run_training', 'report', 'demo', 'ui', 'store_lock', 'sync_store', 'predict_scans',
-           'cache_report', 'plan_report', 'add_train_options', 'cli_parser', 'Terminated', 'ending_on_signals', 'main']
+           'evaluate_scores', 'cache_report', 'plan_report', 'add_train_options', 'cli_parser', 'Terminated',
+           'ending_on_signals', 'main']
 
 # %% ../nbs/api/07_cli.ipynb #47cefb3e
 def store_report(s:Settings) -> str:
@@ -148,12 +150,38 @@ def predict_scans(s:Settings,        # the store the model is in
                   prob:bool=False,   # also write `<case>_prob.nii.gz`
                   device=None,       # default: CUDA when present
                   quiet:bool=False,  # no progress bar, no summary
+                  tta:bool|None=None,# mirror test-time augmentation (writes `<case>_uncertainty.nii.gz`); None: the model's
                  ) -> int:           # 0, or 2 when the model or an input is refused
     "Segment `inputs` with `model` into `out` (`predict.predict_files`); print what was written"
     try:
-        written = predict_files(load_segmenter(model, s, device), inputs, out, prob=prob, progress=not quiet)
+        seg = load_segmenter(model, s, device)
+        written = predict_files(seg, inputs, out, prob=prob, progress=not quiet, tta=tta)
     except InputError as e: print(f"coronary-mlops predict: {e}", file=sys.stderr); return 2
     if not quiet: print(f"wrote {len(written)} mask{'s' if len(written) != 1 else ''} to {Path(out).resolve()}")
+    return 0
+
+# %% ../nbs/api/07_cli.ipynb #94abf2da
+def evaluate_scores(s:Settings,           # the store `log` records into
+                    pred:str,             # predicted masks: a folder or a file
+                    gt:str,               # labels: a folder, a data folder or a file
+                    out:str,              # where summary.json and cases.csv go
+                    log:bool=False,       # record the scores as an MLflow run
+                    method:str|None=None, # the method's name; default: the predictions' folder name
+                    workers:int|None=None,# processes; default: as the cores and memory allow
+                    quiet:bool=False,     # no progress bar, no table
+                   ) -> int:              # 0, or 2 when an input is refused
+    "Score `pred` against `gt` (`score.score_folders`), print the means, and log them as a run if `log`"
+    try: summary = score_folders(pred, gt, out, workers, progress=not quiet)
+    except DataError as e: print(f"coronary-mlops evaluate: {e}", file=sys.stderr); return 2
+    if not quiet:
+        m, sd = summary['mean'], summary['std']
+        print(f"{summary['n_cases']} cases scored; mean ± SD (summary.json and cases.csv in {Path(out).resolve()}):")
+        for k in m: print(f"  {k:14} {'n/a' if m[k] is None else f'{m[k]:.4g} ± {sd[k]:.3g}'}")
+        if summary['undefined_hd95']: print(f"  HD95 undefined for {summary['undefined_hd95']} case(s) (an empty mask)")
+    if log:
+        name = method or Path(pred).expanduser().resolve().name
+        run_id = log_scores(summary, out, name, settings=s)
+        if not quiet: print(f"logged as run {run_id} ({name}) in experiment {s.experiment_name!r}")
     return 0
 
 # %% ../nbs/api/07_cli.ipynb #93af03c0
@@ -250,13 +278,18 @@ def _store_options(p:argparse.ArgumentParser, default=None):
     p.add_argument('--store-dir', default=default, help="folder of the embedded store")
 
 # %% ../nbs/api/07_cli.ipynb #584b4f28
+class _Help(argparse.HelpFormatter):
+    "argparse's help, wrapped at spaces only: `nnU-Net` is never split at its hyphen"
+    def _split_lines(self, text, width): return textwrap.wrap(text, width, break_on_hyphens=False)
+
 def cli_parser() -> argparse.ArgumentParser:
-    "The `coronary-mlops` command's parser: `info`, `train`, `demo`, `plan`, `ui`, `sync`, `predict` and `cache`"
-    p = argparse.ArgumentParser(prog='coronary-mlops', description="Notebook-first MLOps for coronary segmentation")
+    "The `coronary-mlops` command's parser: `info`, `train`, `demo`, `plan`, `ui`, `sync`, `predict`, `evaluate` and `cache`"
+    p = argparse.ArgumentParser(prog='coronary-mlops', description="Notebook-first MLOps for coronary segmentation",
+                                formatter_class=_Help)
     _store_options(p)
     sub = p.add_subparsers(dest='command', required=True)
     def cmd(name, help):
-        c = sub.add_parser(name, help=help)
+        c = sub.add_parser(name, help=help, formatter_class=_Help)
         _store_options(c, argparse.SUPPRESS)
         return c
     cmd('info', "show the resolved settings and where runs are stored")
@@ -287,6 +320,16 @@ def cli_parser() -> argparse.ArgumentParser:
     pr.add_argument('--prob', action='store_true', help="also write <case>_prob.nii.gz, the vessel probability")
     pr.add_argument('--device', help="cpu, cuda or cuda:N (default: CUDA when present)")
     pr.add_argument('--quiet', action='store_true', help="no progress bar")
+    pr.add_argument('--tta', action=argparse.BooleanOptionalAction, default=None, help="mirror test-time augmentation "
+                    "(8 flips, about 8x the time); also writes <case>_uncertainty.nii.gz (default: as the model records)")
+    ev = cmd('evaluate', "score any method's predicted masks against labels with the kit's metrics")
+    ev.add_argument('pred', help="a folder of predicted masks (paired with labels by case name), or one mask")
+    ev.add_argument('gt', help="a folder of labels, a data folder (ImageCAS, ASOCA, Decathlon), or one label")
+    ev.add_argument('--out', required=True, help="folder for summary.json and cases.csv")
+    ev.add_argument('--log', action='store_true', help="also record the scores as an MLflow run of an external method")
+    ev.add_argument('--method', help="the method's name for --log (default: the predictions' folder name)")
+    ev.add_argument('--workers', type=int, metavar='N', help="processes (default: the cores the memory allows)")
+    ev.add_argument('--quiet', action='store_true', help="no progress bar, no table")
     pl = cmd('plan', "check a data folder and show the plan (spacing, window, patch, cache); trains nothing")
     pl.add_argument('--data', required=True, help="folder of image/label pairs (ImageCAS, ASOCA or Decathlon layout)")
     pl.add_argument('--device', help="whose memory the patch is planned for (default: CUDA when present)")
@@ -325,7 +368,8 @@ def main(argv:list[str]|None=None) -> int:
     if a.command == 'ui': return ui(s, a.port)
     if a.command == 'sync': return sync_store(s, a.retry_rejected)
     if a.command == 'cache': return cache_report(s, a.clear)
-    if a.command == 'predict': return predict_scans(s, a.model, a.inputs, a.out, a.prob, a.device, a.quiet)
+    if a.command == 'predict': return predict_scans(s, a.model, a.inputs, a.out, a.prob, a.device, a.quiet, a.tta)
+    if a.command == 'evaluate': return evaluate_scores(s, a.pred, a.gt, a.out, a.log, a.method, a.workers, a.quiet)
     opts = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
     if a.command == 'plan': return plan_report(s, a.data, a.device, a.quiet, **opts)
     try:

@@ -49,7 +49,8 @@ class RunComparison(Panel):
         self.infos = [self.tracker.get_run_info(r) for r in run_ids]
         self.names = [i.run_name or r[:8] for i, r in zip(self.infos, run_ids)]
         common = self._shared_epochs(epoch)
-        self.epoch = W.Dropdown(options=common, value=common[-1] if epoch is None else epoch, description='epoch')
+        self.epoch = W.Dropdown(options=common, value=(common[-1] if common else None) if epoch is None else epoch,
+                                description='epoch')  # None: no shared epoch, so each run's final metrics
         self.metrics, self.images, self.json_diff = W.HTML(), W.VBox(), W.HTML()
         self.x_axis = W.ToggleButtons(options=['step', 'wall time'], value='step', description='x axis')
         self.curves, self.params = W.HTML(), W.HTML()  # curves as SVG: crisp, and each run's line is an element
@@ -71,7 +72,7 @@ class RunComparison(Panel):
 def _shared_epochs(self:RunComparison, epoch:int|None) -> list[int]:
     "The epochs all the runs have; `epoch`, unless None, must be one of them"
     common = sorted(set.intersection(*(set(r.epochs) for r in self.runs)))
-    if not common:
+    if not common and epoch is not None:
         have = '; '.join(f"{n}: {epoch_span(r.epochs)}" for n, r in zip(self.names, self.runs))
         raise ValueError(f"These runs share no epoch ({have})")
     if epoch is not None and epoch not in common:
@@ -86,13 +87,17 @@ def _show_epoch(self:RunComparison):
 # %% ../nbs/api/06c_comparison.ipynb #45aba92f
 @patch
 def _compare_metrics(self:RunComparison, ep:int):
-    ms = [r.metrics(ep) for r in self.runs]
+    ms = [r.metrics(ep) for r in self.runs] if ep is not None else [dict(i.metrics) for i in self.infos]  # final
     self.metric_rows = [(k, *[m.get(k, '–') for m in ms], *[_delta(ms[0].get(k), m.get(k)) for m in ms[1:]])
                         for k in sorted(set().union(*ms))]
     self.metrics.value = html_table(self.metric_rows, ['metric', *self.head, *[f"Δ {n}" for n in self.names[1:]]])
 
 @patch
 def _compare_metadata(self:RunComparison, ep:int):
+    if ep is None:  # e.g. an `evaluate --log` run or one logged with plain `mlflow.log_metric`: no epoch folders
+        have = '; '.join(f"{n}: {epoch_span(r.epochs)}" for n, r in zip(self.names, self.runs))
+        self.diff_rows, self.json_diff.value = [], f"<i>these runs share no epoch ({html.escape(have)})</i>"
+        return
     metas = [_flatten(r.read_json(ep, 'metadata')) for r in self.runs]
     keys = sorted(k for k in set().union(*metas) if not k.startswith(self.IGNORE))
     self.diff_rows = [(k, *[json.dumps(m.get(k, '–')) for m in metas]) for k in keys
@@ -103,7 +108,7 @@ def _compare_metadata(self:RunComparison, ep:int):
 # %% ../nbs/api/06c_comparison.ipynb #1d299961
 @patch
 def _compare_images(self:RunComparison, ep:int):
-    self.image_keys = sorted({strip_epoch(e['path']) for r in self.runs for e in r.files(ep)
+    self.image_keys = [] if ep is None else sorted({strip_epoch(e['path']) for r in self.runs for e in r.files(ep)
                               if e['path'].lower().endswith(tuple(IMAGE_TYPES))})
     self.images.children = [W.VBox([W.HTML(f"<code>{html.escape(key)}</code>"), W.HBox(self._image_cells(ep, key))])
                             for key in self.image_keys]
@@ -137,7 +142,8 @@ def _draw_curves(self:RunComparison):
 # %% ../nbs/api/06c_comparison.ipynb #f264bec0
 @patch
 def _repr_markdown_(self:RunComparison):
-    out = [f"**RunComparison** · epoch {self.epoch.value}", '',
+    at = 'final metrics (no shared epoch)' if self.epoch.value is None else f"epoch {self.epoch.value}"
+    out = [f"**RunComparison** · {at}", '',
            md_table(self.metric_rows, ['metric', *self.head, *[f"Δ {n}" for n in self.names[1:]]])]
     if self.diff_rows: out += ['', md_table(self.diff_rows, ['metadata', *self.head])]
     if getattr(self, 'param_rows', None): out += ['', md_table(self.param_rows, ['param', *self.head])]

@@ -55,11 +55,13 @@ LOCATOR_VARS = {'CORONARY_MLOPS_SETTINGS', 'CORONARY_MLOPS_ENV_FILE'}
 class SettingsError(ValueError):
     "A setting that is unknown or has a bad value; the message names the key, the value and where it came from"
 
+# %% ../nbs/api/00_config.ipynb #38ab3aa0
 def _unknown(key, where, bare=None):
     near = difflib.get_close_matches(str(bare or key).lower(), list(DEFAULTS), n=1)
     hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(DEFAULTS)}"
     return SettingsError(f"Unknown setting {key!r} (from {where}){hint}")
 
+# %% ../nbs/api/00_config.ipynb #a193d7e1
 def _bad(key, value, where, why):
     return SettingsError(f"Setting {key!r} has bad value {value!r} (from {where}): {why}")
 
@@ -71,6 +73,7 @@ def is_secret_name(name) -> bool:
     "True if `name` looks like it holds a credential"
     return any(m in str(name).upper() for m in SECRET_MARKERS)
 
+# %% ../nbs/api/00_config.ipynb #6104f85b
 def redact_uri(uri:str) -> str:
     "`uri` with the password in its userinfo and any secret query parameter replaced by `***`"
     if not isinstance(uri, str) or '://' not in uri: return uri
@@ -99,6 +102,7 @@ def secret_values(environ:Mapping|None=None) -> tuple:
     env = os.environ if environ is None else environ
     return tuple(sorted({v for n, v in env.items() if v and len(v) >= 6 and is_secret_name(n)}, key=len, reverse=True))
 
+# %% ../nbs/api/00_config.ipynb #c8f1e81c
 def redact_text(text:str,                  # any text: a message, a tag, a path
                 environ:Mapping|None=None, # where secret values are looked up (default `os.environ`)
                 secrets:tuple|None=None,   # `secret_values(environ)`, when the caller already has them
@@ -135,6 +139,7 @@ def _as_int(key, v, where):
     try: return int(str(v).strip()) if not isinstance(v, (int, float)) else int(v)
     except ValueError: raise _bad(key, v, where, "expected an integer") from None
 
+# %% ../nbs/api/00_config.ipynb #862f1b72
 def _as_float(key, v, where):
     try:
         if isinstance(v, bool): raise TypeError
@@ -148,6 +153,7 @@ def _as_bool(key, v, where):
     if b is None: raise _bad(key, v, where, f"expected one of {sorted(_BOOLS)}")
     return b
 
+# %% ../nbs/api/00_config.ipynb #6c949078
 def _as_shape(key, v, where):
     parts = [p for p in re.split(r'[,\sx]+', v.strip()) if p] if isinstance(v, str) else list(v)
     try: shape = tuple(_as_int(key, p, where) for p in parts)
@@ -197,6 +203,7 @@ def _is_nbdev2_ini(f:Path) -> bool:
     "True for an nbdev 2 project file (`[DEFAULT]` with `lib_name`), which is not ours"
     return bool(re.search(r'^\[DEFAULT\][^\[]*^lib_name\s*=', f.read_text(errors='replace'), re.M))
 
+# %% ../nbs/api/00_config.ipynb #f68567fc
 def find_settings_file(start=None, environ:Mapping|None=None) -> Path|None:
     "The kit's `settings.ini`: `$CORONARY_MLOPS_SETTINGS`, else the nearest one above `start` with a kit section"
     environ = os.environ if environ is None else environ
@@ -210,6 +217,7 @@ def find_settings_file(start=None, environ:Mapping|None=None) -> Path|None:
         if f.is_file() and not _is_nbdev2_ini(f): return f
     return None
 
+# %% ../nbs/api/00_config.ipynb #d36200b9
 def find_env_file(settings_file:Path|None=None, environ:Mapping|None=None) -> Path|None:
     "`$CORONARY_MLOPS_ENV_FILE`, else the `.env` beside `settings_file`, else none"
     environ = os.environ if environ is None else environ
@@ -237,6 +245,7 @@ def read_settings_ini(path:Path) -> dict:
 class SettingsWarning(UserWarning):
     "An environment variable with the kit's prefix that names no setting: ignored, as MLflow ignores unknown ones"
 
+# %% ../nbs/api/00_config.ipynb #897f9e90
 _WARNED = set()
 
 def read_env(environ:Mapping, where:str='environment',
@@ -263,6 +272,7 @@ def default_store_dir(environ:Mapping|None=None) -> Path:
     base = environ.get('XDG_DATA_HOME') or str(Path(environ.get('HOME') or Path.home())/'.local'/'share')
     return Path(base).expanduser()/'coronary_mlops'
 
+# %% ../nbs/api/00_config.ipynb #756352d9
 def sqlite_uri(db_path) -> str:
     "An absolute `sqlite:///` URI for `db_path`"
     return 'sqlite:///' + Path(db_path).expanduser().resolve().as_posix()
@@ -357,6 +367,7 @@ def load_settings(settings_file:str|Path|bool|None=None, # `settings.ini`; found
 def _sqlite_path(uri:str) -> Path|None:
     return Path(unquote(uri[len('sqlite:///'):])) if uri.startswith('sqlite:///') else None
 
+# %% ../nbs/api/00_config.ipynb #1de38b83
 @patch(as_prop=True)
 def is_embedded(self:Settings) -> bool:
     "True when runs go to a local SQLite store with no server"
@@ -398,6 +409,7 @@ def ui_command(self:Settings, port:int=5000) -> str:
     return (f"mlflow ui --backend-store-uri {self.tracking_uri} "
             f"--artifacts-destination {(db.parent/'artifacts').as_posix()} --port {port}")
 
+# %% ../nbs/api/00_config.ipynb #0e054392
 @patch
 def ui_url(self:Settings, experiment_id:str|None=None, port:int=5000) -> str:
     "The UI's page of `experiment_id` (or its experiments list) in the Model training view"
@@ -462,6 +474,7 @@ def probe_server(uri:str, timeout:float=1.0, # seconds to wait for the answer
         return requests.get(base + _API_PROBE, timeout=timeout).status_code < 500  # a 404 or 401 is an answer too
     except requests.RequestException: return False
 
+# %% ../nbs/api/00_config.ipynb #c42b965a
 def check_reachable(uri:str, timeout:float=2.0):
     "Raise a `ConnectionError` naming the server (without credentials) when `probe_server` says it is down"
     if not probe_server(uri, timeout): raise ConnectionError(f"MLflow server {redact_uri(uri)} is unreachable")

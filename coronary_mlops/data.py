@@ -53,6 +53,7 @@ def _surface(p, c, axes):
     n = (q - c) / axes**2
     return q, n / np.linalg.norm(n)
 
+# %% ../nbs/api/04_data.ipynb #15c0b623
 def _walk(rng, start, heading, length_vox, r0, r1, c, axes, cfg, step=0.5):
     "Centre-line points and radii (voxels) of one vessel walking over the ellipsoid surface"
     p, h, pts, rad = np.asarray(start, float), np.asarray(heading, float), [], []
@@ -142,6 +143,7 @@ def save_nifti(array, spacing, path) -> Path:
     nib.save(nib.Nifti1Image(np.asarray(array), np.diag([*map(float, spacing), 1.0])), str(path))
     return path
 
+# %% ../nbs/api/04_data.ipynb #93a985c8
 def generate_phantoms(n:int,                          # how many
                       out_dir,                        # the folder they are written to
                       seed:int=0,                     # the first phantom's seed; the others count up from it
@@ -164,12 +166,14 @@ def generate_phantoms(n:int,                          # how many
 class DataError(ValueError):
     "The data folder or a case in it cannot be used; the message says what to do"
 
+# %% ../nbs/api/04_data.ipynb #1bc424f5
 VOLUME_FILES = re.compile(r'\.(nii\.gz|nii|nrrd|mha)$', re.I)
 IMAGE_DIRS = ('ctca', 'images', 'image', 'img', 'imagestr')
 LABEL_DIRS = ('annotations', 'labels', 'label', 'masks', 'labelstr')
 
 def _stem(p:Path) -> str: return VOLUME_FILES.sub('', p.name)
 
+# %% ../nbs/api/04_data.ipynb #4c52ad7f
 def _pairs_by_dirs(root:Path) -> list[dict]|None:
     "Pairs from sibling image/label folders (ASOCA, Decathlon)"
     out = []
@@ -191,7 +195,8 @@ def discover(data_dir) -> list[dict]:
     "`[{image, label}]` of every case under `data_dir`, in ImageCAS, ASOCA or Decathlon layout, sorted"
     root = Path(data_dir).expanduser()
     if not root.is_dir(): raise DataError(f"Data folder {str(root)!r} does not exist")
-    imgs = sorted(root.rglob('*.img.nii.gz')) + sorted(root.rglob('*.img.nii'))
+    ok = lambda f: VOLUME_FILES.search(f.name) and not f.name.startswith('._')  # NIfTI, NRRD or MHA; not macOS's ._
+    imgs = sorted(f for f in root.rglob('*.img.*') if ok(f))
     if imgs:
         out = []
         for f in imgs:
@@ -201,12 +206,12 @@ def discover(data_dir) -> list[dict]:
             c = dict(image=str(f), label=str(lab))
             if (cl := f.with_name(f.name.replace('.img.', '.centerline.'))).exists(): c['centerline'] = str(cl)
             out.append(c)
-        if orphans := sorted(set(map(str, root.rglob('*.label.nii*'))) - {c['label'] for c in out}):
+        if orphans := sorted({str(f) for f in root.rglob('*.label.*') if ok(f)} - {c['label'] for c in out}):
             raise DataError(f"Labels without an image: {orphans[:5]}")
         return out
     if out := _pairs_by_dirs(root): return out
-    raise DataError(f"No image/label pairs in {str(root)!r}. Expected ImageCAS (N.img.nii.gz + N.label.nii.gz), "
-                    "ASOCA (CTCA/ + Annotations/) or Decathlon (imagesTr/ + labelsTr/). "
+    raise DataError(f"No image/label pairs in {str(root)!r}. Expected ImageCAS (N.img.nii.gz + N.label.nii.gz, "
+                    "or .nrrd), ASOCA (CTCA/ + Annotations/) or Decathlon (imagesTr/ + labelsTr/). "
                     "For synthetic data, run `coronary-mlops train --synthetic N` or `generate_phantoms(N, folder)`.")
 
 # %% ../nbs/api/04_data.ipynb #45f92ece
@@ -224,6 +229,7 @@ def _nifti_complete(path:str, img) -> str|None:
     except (OSError, EOFError, zlib.error) as e: return f"its gzip stream is damaged or truncated ({e})"
     return None if have >= need else f"it is truncated: {have:,} bytes uncompressed, its header needs {need:,}"
 
+# %% ../nbs/api/04_data.ipynb #b63a88e3
 def read_header(path:str) -> tuple[tuple, tuple]:
     "(shape, spacing) of a 3-D volume from its header, without reading its voxels; a `DataError` names a bad file"
     try:
@@ -247,7 +253,6 @@ def read_header(path:str) -> tuple[tuple, tuple]:
                         "For a 4-D series (cardiac phases), save the phase to train on as its own file.")
     return shape, spacing
 
-
 # %% ../nbs/api/04_data.ipynb #fe9f7e93
 MAX_TURN_DEG = 1.0  # a label grid turned more than this against its image is refused
 
@@ -269,6 +274,7 @@ def read_geometry(path:str) -> tuple[tuple, np.ndarray]:
 # %% ../nbs/api/04_data.ipynb #83907d7d
 def _floats(v) -> tuple: return tuple(round(float(x), 4) for x in v)
 
+# %% ../nbs/api/04_data.ipynb #e356a1a2
 def geometry_mismatch(image:str, label:str, atol_mm:float=1e-3) -> str|None:
     "Why `label`'s voxels cannot be paired with `image`'s: shape, spacing, or axes flipped, swapped or turned; or None"
     (si, ai), (sl, al) = read_geometry(image), read_geometry(label)
@@ -284,6 +290,7 @@ def geometry_mismatch(image:str, label:str, atol_mm:float=1e-3) -> str|None:
                 "image's affine")
     return None
 
+# %% ../nbs/api/04_data.ipynb #f408ae66
 def geometry_drift(image:str, label:str) -> str|None:
     "How far `label`'s header places its grid from `image`'s, when more than half a voxel or a tenth of a degree"
     (_, ai), (_, al) = read_geometry(image), read_geometry(label)
@@ -294,6 +301,7 @@ def geometry_drift(image:str, label:str) -> str|None:
     return (f"the label's header places it {shift.max():.1f} voxels and {deg:.1f}° away from the image's grid; "
             "voxels are paired by index, as MONAI pairs them, so this is right if the label was drawn on this image")
 
+# %% ../nbs/api/04_data.ipynb #bba1641c
 def check_pairs(cases:Sequence[dict], atol_mm:float=1e-3) -> list[dict]:
     "`cases`, once every label can be paired voxel by voxel with its image; a `DataError` names the first that cannot"
     for c in tqdm(cases, desc='checking headers', leave=False, disable=len(cases) < 50):
@@ -359,6 +367,7 @@ class VesselLabeld(MapTransform):
             if not set(vals) <= {0, 1}: d[k] = (d[k] > 0).to(d[k].dtype)  # a MetaTensor stays one
         return d
 
+# %% ../nbs/api/04_data.ipynb #8190e6bc
 class FillNonFinited(MapTransform):
     "NaN and infinite voxels set to the lowest finite value: what resampling leaves outside the scanned field is air"
     def __call__(self, data):
@@ -390,6 +399,7 @@ class ToFloat:
     def __init__(self, keys=('image', 'label')): self.keys = keys
     def __call__(self, d:dict) -> dict: return {**d, **{k: d[k].float() for k in self.keys if k in d}}
 
+# %% ../nbs/api/04_data.ipynb #8c30c31c
 def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random crops
                pixdim=(0.8, 0.8, 0.8),      # spacing (mm) every volume is resampled to
                window=CT_WINDOW,            # the CT window (HU) mapped to [0, 1]
@@ -425,6 +435,7 @@ def ras_geometry(path:str) -> tuple[tuple, tuple]:
     for i, (ax, _) in enumerate(nib.orientations.io_orientation(affine)): sh[int(ax)], sp[int(ax)] = shape[i], zooms[i]
     return tuple(int(n) for n in sh), tuple(round(float(z), 5) for z in sp)  # float32 headers: 0.4 is 0.40000000596
 
+# %% ../nbs/api/04_data.ipynb #958fd5b9
 def fingerprint(cases:Sequence[dict],  # `{image, label}` pairs
                 sample:int=8,          # cases whose voxels are read
                 voxels:int=20_000,     # foreground voxels kept from each
@@ -447,6 +458,7 @@ def fingerprint(cases:Sequence[dict],  # `{image, label}` pairs
                 extent_mm_median=np.median(shapes * spacings, 0).round(1).tolist(), fg_cases=min(sample, len(cases)),
                 fg_voxels=int(fg.size), **{f"fg_hu_{k}": round(v, 1) for k, v in pct.items()})
 
+# %% ../nbs/api/04_data.ipynb #d69978ed
 def plan_preprocessing(fp:dict) -> dict:
     "Target spacing (the median) and CT window (vessel intensity 0.5–99.5 percentiles) from a `fingerprint`"
     if not fp.get('fg_voxels'): raise DataError("The sampled labels hold no vessel voxels: the CT window cannot be "
@@ -465,6 +477,7 @@ def available_memory() -> int:
     except (OSError, ValueError): pass
     return max(avail, 0)
 
+# %% ../nbs/api/04_data.ipynb #05f88a8e
 def preprocessed_bytes(cases:Sequence[dict], pixdim=(0.8, 0.8, 0.8)) -> int:
     "Upper bound of `cases`' size after resampling to `pixdim` (image float16, label uint8), from headers"
     total = 0
@@ -473,6 +486,7 @@ def preprocessed_bytes(cases:Sequence[dict], pixdim=(0.8, 0.8, 0.8)) -> int:
         total += CACHE_BYTES_PER_VOXEL * math.prod(max(1, round(n * s / p)) for n, s, p in zip(shape, spacing, pixdim))
     return total
 
+# %% ../nbs/api/04_data.ipynb #09588446
 def cache_plan(cases:Sequence[dict], pixdim=(0.8, 0.8, 0.8), budget_gb:float=0.0) -> dict:
     "Where the preprocessed `cases` go: `memory` if they fit `budget_gb` (0: half the available memory), else `disk`"
     need, budget = preprocessed_bytes(cases, pixdim), budget_gb * 2**30 if budget_gb > 0 else available_memory() / 2
@@ -485,6 +499,7 @@ def _stamped_hash(item:dict) -> bytes:
     st = {k: (v, os.stat(v).st_size, os.stat(v).st_mtime_ns) for k, v in item.items() if k in ('image', 'label')}
     return pickle_hashing(st)
 
+# %% ../nbs/api/04_data.ipynb #04b5c031
 def datasets(cases:Sequence[dict],          # `[{image, label}]`, e.g. from `discover` or `generate_phantoms`
              roi_size=(64, 64, 64),         # patch size of the training crops
              pixdim=(0.8, 0.8, 0.8),        # spacing (mm) to resample to

@@ -51,6 +51,7 @@ def epoch_dir(kind:str, # an artifact type of `LAYOUT`
     if kind not in LAYOUT: raise KeyError(f"No layout for {kind!r}; known types: {', '.join(LAYOUT)}")
     return LAYOUT[kind].format(epoch=epoch)
 
+# %% ../nbs/api/01a_layout.ipynb #1d882d47
 def epoch_file(kind:str, # one of `FILE_NAMES`: a file the manager writes itself
                epoch:int, # the epoch
               ) -> str: # run-relative path
@@ -83,6 +84,7 @@ def categorize(path) -> str:
         except ValueError: pass
     return 'logs' if text else 'other'
 
+# %% ../nbs/api/01a_layout.ipynb #afbc4f46
 def type_dir(kind:str, epoch:int, path=None) -> str:
     "Run-relative folder for any artifact type: the layout's, or the rule above for types it does not list"
     if kind in LAYOUT: return epoch_dir(kind, epoch)
@@ -155,6 +157,7 @@ def metric_value(key:str, # the metric's name, for the message
     except (TypeError, ValueError):
         raise TypeError(f"metric {key!r}: expected a number, got {type(v).__name__} {v!r}") from None
 
+# %% ../nbs/api/01a_layout.ipynb #f3559771
 def metric_step(step) -> int:
     "`step` as the integer MLflow stores (None is 0); a fractional step or one outside 64 bits is an error"
     if step is None: return 0
@@ -183,6 +186,7 @@ def is_figure(v) -> bool:
     "True for a matplotlib `Figure` (checked by name: matplotlib is not imported for it)"
     return type(v).__name__ == 'Figure' and hasattr(v, 'savefig')
 
+# %% ../nbs/api/01a_layout.ipynb #cc2951fc
 def folder_files(folder:Path) -> list[tuple[Path, str]]:
     "(file, relative path) under `folder`, not following symlinks that leave it"
     root, out = Path(folder).resolve(), []
@@ -196,6 +200,7 @@ def folder_files(folder:Path) -> list[tuple[Path, str]]:
         dirnames[:] = [x for x in dirnames if inside(x)]
     return out
 
+# %% ../nbs/api/01a_layout.ipynb #6c6b142d
 def copy_inside(folder, dst) -> Path:
     "Copy `folder` into `dst` as `folder_files` sees it: a symlink that points outside it is left out, not followed"
     dst = Path(dst); dst.mkdir(parents=True, exist_ok=True)

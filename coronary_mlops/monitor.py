@@ -57,6 +57,7 @@ def _line(self:TrainingMonitor) -> str:
             + (f" · ETA {eta / 60:.1f} min" if eta else '') + (' · stopping after this epoch' * (self.stop_requested and
                                                                                                   not self.done)))
 
+# %% ../nbs/api/06e_monitor.ipynb #791c87de
 @patch
 def _redraw(self:TrainingMonitor, overlay:bytes|None=None):
     self.title.value = f"<b>training</b> <code>{html.escape(str(self.run_id))}</code>"
@@ -64,6 +65,7 @@ def _redraw(self:TrainingMonitor, overlay:bytes|None=None):
     self.curves.value = svg_curves(self.history)
     if overlay: self.overlay.value = overlay
 
+# %% ../nbs/api/06e_monitor.ipynb #894d0295
 @patch
 def begin(self:TrainingMonitor, run_id:str, epochs:range):
     "Called by `train` when the run is open (implements `train.Monitor`)"
@@ -73,11 +75,13 @@ def begin(self:TrainingMonitor, run_id:str, epochs:range):
         from IPython.display import display
         display(self)
 
+# %% ../nbs/api/06e_monitor.ipynb #70f9a44c
 @patch
 def epoch(self:TrainingMonitor, m:dict, history:list, overlay:bytes|None=None):
     "Called on `train`'s logger thread after each epoch is filed: what the loop already made, nothing more"
     self.history = list(history); self._redraw(overlay)
 
+# %% ../nbs/api/06e_monitor.ipynb #f17e6988
 @patch
 def end(self:TrainingMonitor, result=None):
     "Called by `train` when training ends"
@@ -85,6 +89,7 @@ def end(self:TrainingMonitor, result=None):
     self.stop.description = 'stopped' if self.stop_requested else 'finished'
     self._redraw()
 
+# %% ../nbs/api/06e_monitor.ipynb #42a5e62b
 @patch
 def request_stop(self:TrainingMonitor):
     "End training after the running epoch: the loop reads it, and a followed run finds it as a tag in the store"
@@ -109,6 +114,7 @@ def start(self:TrainingMonitor, cfg=None, **kw) -> TrainingMonitor:
     self._thread.start()
     return self
 
+# %% ../nbs/api/06e_monitor.ipynb #4320b48d
 @patch
 def wait(self:TrainingMonitor, timeout:float|None=None):
     "The `TrainResult` of `start`'s training once it ends (its error, raised, if it failed); None if still running"
@@ -142,6 +148,7 @@ def poll(self:TrainingMonitor) -> bool:
     self._redraw(overlay)
     return not self.done
 
+# %% ../nbs/api/06e_monitor.ipynb #ebe57d46
 @patch
 def _follow(self:TrainingMonitor):
     while True:

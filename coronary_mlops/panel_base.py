@@ -61,6 +61,7 @@ def fmt_size(n:int|None) -> str:
         if n < 1024 or unit == 'GB': return f"{n:.0f} {unit}" if unit == 'B' else f"{n:.1f} {unit}"
         n /= 1024
 
+# %% ../nbs/api/06a_panel_base.ipynb #22a7dc1e
 def epoch_span(epochs) -> str:
     if not epochs: return 'no epochs'
     return f"epochs {epochs[0]}–{epochs[-1]}" if len(epochs) > 1 else f"epoch {epochs[0]}"
@@ -97,9 +98,11 @@ def files(self:RunArtifacts, epoch:int, category:str|None=None) -> list[dict]:
     out = [{**e, 'category': e['path'].split('/')[0]} for e in self.manifest(epoch)['files'] if not e.get('pruned')]
     return [e for e in out if category in (None, 'all', e['category'])]
 
+# %% ../nbs/api/06a_panel_base.ipynb #4e149b65
 @patch
 def categories(self:RunArtifacts, epoch:int) -> list[str]: return sorted({e['category'] for e in self.files(epoch)})
 
+# %% ../nbs/api/06a_panel_base.ipynb #541413f0
 @patch
 def find(self:RunArtifacts, epoch:int, kind:str) -> str|None:
     "Run-relative path of the epoch's file of a `LAYOUT` type written by the manager (metrics, metadata, summary…)"
@@ -116,12 +119,14 @@ def local(self:RunArtifacts, path:str) -> Path:
         self.manager.download(self.run_id, path, dst.parent, entry=entry)
     return dst
 
+# %% ../nbs/api/06a_panel_base.ipynb #df8fce2b
 @patch
 def read_json(self:RunArtifacts, epoch:int, kind:str) -> dict:
     "The epoch's JSON file of a `LAYOUT` type (`{}` when it has none)"
     p = self.find(epoch, kind)
     return read_json(self.local(p).read_text()) if p else {}  # the module's `read_json`: `patch` leaves it in place
 
+# %% ../nbs/api/06a_panel_base.ipynb #4e4d2399
 @patch
 def metrics(self:RunArtifacts, epoch:int) -> dict:
     "The epoch's metrics, from its `metrics.json`"
@@ -150,6 +155,7 @@ TEXT_SUFFIXES = ('.log', '.txt', '.out', '.err', '.csv', '.yaml', '.yml', '.ini'
 
 def display_bundle(data:dict) -> dict: return {'output_type': 'display_data', 'data': data, 'metadata': {}}
 
+# %% ../nbs/api/06a_panel_base.ipynb #42ddd9ea
 def pre_bundle(text:str) -> dict:
     "Preformatted `text` in a box that scrolls"
     return {'text/html': f'<pre style="max-height:24em;overflow:auto;margin:0">{html.escape(text)}</pre>',
@@ -191,6 +197,7 @@ def _volume_bundle(path:Path) -> dict:
     png = volume_png(vol, f"{path.name}  {tuple(vol.shape)}")
     return {'image/png': base64.b64encode(png).decode(), 'text/plain': f"<{path.name}: volume {tuple(vol.shape)}>"}
 
+# %% ../nbs/api/06a_panel_base.ipynb #91b4d679
 def preview(path, tail:int=40, max_mb:float=256) -> dict:
     "MIME bundle that shows file `path`: image, pretty JSON, markdown, a log's last `tail` lines, or a volume"
     path = Path(path); name = path.name.lower()
@@ -214,6 +221,7 @@ def error_html(e:BaseException) -> str:
     return (f'<span style="color:#b00020">⚠ {html.escape(type(e).__name__)}: '
             f'{html.escape(msg[:400], quote=False)}</span>')
 
+# %% ../nbs/api/06a_panel_base.ipynb #bb37617d
 def show_in(out:W.Output, *datas:dict):
     "Replace what `out` shows with the MIME bundles `datas` (no kernel needed, so tests and docs see it too)"
     out.outputs = tuple(display_bundle(d) for d in datas)
@@ -224,6 +232,7 @@ def md_table(rows:Sequence[Sequence], head:Sequence[str]) -> str:
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     return '\n'.join(lines + ['| ' + ' | '.join(map(cell, r)) + ' |' for r in rows])
 
+# %% ../nbs/api/06a_panel_base.ipynb #c5b32a02
 def html_table(rows:Sequence[Sequence], head:Sequence[str]) -> str:
     cell = lambda v: html.escape(f"{v:.4g}" if isinstance(v, float) else str(v))
     th = ''.join(f'<th style="text-align:left;padding:0 .6em">{html.escape(h)}</th>' for h in head)
@@ -269,6 +278,7 @@ def experiment_options(client) -> list[tuple[str, str]]:
     exps = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, order_by=['name ASC'])
     return [(e.name, e.experiment_id) for e in exps]
 
+# %% ../nbs/api/06a_panel_base.ipynb #22d703b6
 def find_experiment(tracker:MLflowTracker, experiment=None, run_id:str|None=None) -> str|None:
     "Id of run `run_id`'s experiment, else of `experiment` (name or id), else of the tracker's if it exists, else None"
     if run_id: return tracker.client.get_run(run_id).info.experiment_id
@@ -285,6 +295,7 @@ def best_metric(info:RunInfo, monitor:str) -> tuple[str, float]|None:
         if k in info.metrics: return k, info.metrics[k]
     return None
 
+# %% ../nbs/api/06a_panel_base.ipynb #357eba11
 def run_label(info:RunInfo, monitor:str='val_dice') -> str:
     "One line for a run: start time, status, best monitored metric, name"
     b = best_metric(info, monitor)

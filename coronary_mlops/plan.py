@@ -48,7 +48,10 @@ class TrainConfig:
     cache_budget_gb:float = 0.0         # memory the cache may take, else on disk; 0: half the available memory
     amp:bool = True                     # mixed precision on CUDA (bf16 where supported, else fp16)
     sw_batch_size:int = 2               # windows per forward pass of sliding-window inference
-    overlap:float = 0.25                # overlap of neighbouring sliding windows
+    overlap:float = 0.5                 # overlap of neighbouring sliding windows (nnU-Net: half a patch)
+    blend:str = 'gaussian'              # how overlapping windows are weighted: 'gaussian' (nnU-Net) or 'constant'
+    tta:bool = False                    # the model mirrors scans at inference (8 flips), recorded in it
+    postprocess:bool = True             # choose a small-piece removal on validation; kept only if it helps
     fractions:tuple = (0.7, 0.15, 0.15) # train, validation and test shares of the cases
     merge_labels:bool = False           # read several non-zero label classes (e.g. left and right trees) as one vessel
 
@@ -62,6 +65,9 @@ class TrainConfig:
             raise ValueError(f"pixdim must be three spacings in mm above 0, got {self.pixdim}")
         if self.window is not None and (len(self.window) != 2 or not self.window[0] < self.window[1]):
             raise ValueError(f"window must be two HU values, low then high, got {self.window}")
+        if self.blend not in ('gaussian', 'constant'):
+            raise ValueError(f"blend must be 'gaussian' or 'constant', got {self.blend!r}")
+        if not 0 <= self.overlap < 1: raise ValueError(f"overlap must be at least 0 and below 1, got {self.overlap}")
         if any(r % div for r in self.roi_size or ()):
             raise ValueError(f"roi_size {self.roi_size} must be divisible by {div} (2 ** number of strides)")
 
@@ -101,7 +107,8 @@ def preprocessing(cfg:TrainConfig) -> Preprocessing:
     "What a CT goes through before the network, and the sliding window: saved with the model"
     cfg = cfg.planned()
     return Preprocessing(pixdim=cfg.pixdim, window=cfg.window, roi_size=tuple(cfg.roi_size),
-                         sw_batch_size=cfg.sw_batch_size, overlap=cfg.overlap)
+                         sw_batch_size=cfg.sw_batch_size, overlap=cfg.overlap, mode=cfg.blend,
+                         tta=cfg.tta)
 
 # %% ../nbs/api/05a_plan.ipynb #37266fc6
 def patch_bytes_per_voxel(cfg:TrainConfig) -> float:

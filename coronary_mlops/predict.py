@@ -6,13 +6,14 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/predict.html.md"""
 
 # %% ../nbs/api/04a_predict.ipynb #33f2057a
 from __future__ import annotations
-import logging, os, re, tempfile
+import itertools, logging, os, re, tempfile
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Sequence
 import numpy as np
 import nibabel as nib
 import torch
+from scipy import ndimage
 import mlflow
 from mlflow.exceptions import MlflowException
 from monai.data import MetaTensor
@@ -29,8 +30,9 @@ from .reader import quiet_downloads
 from .registry import find_model_uri, log_pyfunc, resolving_in
 
 # %% auto #0
-__all__ = ['Preprocessing', 'unet', 'InputError', 'check_ct', 'load_ct', 'inference_transforms', 'Segmenter', 'case_name',
-           'collect_inputs', 'check_outputs', 'predict_files', 'SegmenterModel', 'log_segmenter', 'load_segmenter']
+__all__ = ['MIRRORS', 'Preprocessing', 'unet', 'InputError', 'check_ct', 'load_ct', 'inference_transforms', 'window_probs',
+           'remove_small_pieces', 'Segmenter', 'case_name', 'collect_inputs', 'check_outputs', 'predict_files',
+           'SegmenterModel', 'log_segmenter', 'load_segmenter']
 
 # %% ../nbs/api/04a_predict.ipynb #2f768d03
 log = logging.getLogger('coronary_mlops.predict')
@@ -38,13 +40,16 @@ log = logging.getLogger('coronary_mlops.predict')
 # %% ../nbs/api/04a_predict.ipynb #6501495b
 @dataclass
 class Preprocessing:
-    "What is done to a CT before the network sees it, and how the network slides over it"
+    "What is done to a CT before the network sees it, how the network slides over it, and what is done after"
     pixdim:tuple = (0.8, 0.8, 0.8)  # spacing (mm) the CT is resampled to
     window:tuple = CT_WINDOW        # HU mapped to [0, 1]
     roi_size:tuple = (48, 48, 48)   # sliding-window size (voxels)
     sw_batch_size:int = 2           # windows per forward pass
-    overlap:float = 0.25            # overlap of neighbouring windows
+    overlap:float = 0.5             # overlap of neighbouring windows (nnU-Net: half a patch)
     orientation:str = 'RAS'         # axis codes the CT is turned to
+    mode:str = 'gaussian'           # how overlapping windows are blended: 'gaussian' (nnU-Net) or 'constant'
+    tta:bool = False                # mirror test-time augmentation: the 8 flips of the 3 axes, probabilities averaged
+    min_component_mm3:float = 0.0   # vessel pieces (26-connected) smaller than this are removed; 0: none
 
     def to_dict(self) -> dict:
         "JSON-ready: tuples as lists"
@@ -52,9 +57,12 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d:dict) -> Preprocessing:
-        "From `to_dict`'s output (unknown keys are ignored, so newer models still load)"
+        "From `to_dict`'s output; unknown keys are ignored (newer models load), missing ones are what older models did"
         known = {f.name for f in fields(cls)}
+        d = {**_BEFORE_BLENDING, **d}  # a model saved before `mode` existed was blended with constant weights
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+
+_BEFORE_BLENDING = dict(mode='constant', overlap=0.25)
 
 # %% ../nbs/api/04a_predict.ipynb #947072a1
 def unet(channels=(16, 32, 64, 128), # feature channels, one per level
@@ -96,7 +104,7 @@ def load_ct(image,              # a NIfTI/NRRD path, or a 3-D array in HU
                        affine=torch.diag(torch.tensor([*map(float, spacing), 1.0], dtype=torch.float64)))
     return check_ct(x, name)
 
-# %% ../nbs/api/04a_predict.ipynb #96cea596
+# %% ../nbs/api/04a_predict.ipynb #4e4be184
 def inference_transforms(prep:Preprocessing) -> Compose:
     "Orient, resample and window `image` (channel first): the steps `Invertd` undoes"
     return Compose([Orientationd('image', axcodes=prep.orientation, labels=LPS_LABELS),
@@ -104,6 +112,42 @@ def inference_transforms(prep:Preprocessing) -> Compose:
                     ScaleIntensityRanged('image', a_min=prep.window[0], a_max=prep.window[1], b_min=0.0, b_max=1.0,
                                          clip=True)])
 
+# %% ../nbs/api/04a_predict.ipynb #ae4bac79
+MIRRORS = [d for n in range(4) for d in itertools.combinations((2, 3, 4), n)]  # the 8 flips of (B, C, x, y, z)
+
+def window_probs(network,              # the network: (B, 1, …) in, two-class logits out
+                 x:torch.Tensor,       # a batch of windowed volumes, (B, 1, x, y, z)
+                 prep:Preprocessing,   # window size, windows per pass, overlap and blending
+                 tta:bool=False,       # also average over the 8 mirrorings
+                ) -> tuple[torch.Tensor, torch.Tensor|None]: # vessel probability (B, 1, …), and its SD with `tta`
+    "The vessel probability from blended sliding windows; with `tta`, its mean over the mirrorings and their SD"
+    mean = m2 = None; n = 0
+    for dims in MIRRORS if tta else [()]:
+        out = sliding_window_inference(x.flip(dims) if dims else x, prep.roi_size, prep.sw_batch_size, network,
+                                       overlap=prep.overlap, mode=prep.mode)
+        p = torch.softmax(out.float(), 1)[:, 1:]
+        p = p.flip(dims) if dims else p
+        n += 1  # Welford's running mean and squared deviations: two volumes, not 8, and no float32 cancellation
+        if mean is None: mean, m2 = p, torch.zeros_like(p)
+        else: d = p - mean; mean = mean + d / n; m2 = m2 + d * (p - mean)
+    return mean, ((m2 / n).clamp_min(0).sqrt() if tta else None)
+
+# %% ../nbs/api/04a_predict.ipynb #501abadf
+def remove_small_pieces(mask:np.ndarray,   # a binary vessel mask
+                        spacing,           # its voxel spacing (mm)
+                        min_mm3:float,     # pieces smaller than this volume are removed; 0: none
+                       ) -> np.ndarray:    # the mask without them, of `mask`'s dtype and values
+    "`mask` without its 26-connected pieces of less than `min_mm3`"
+    # not MONAI's `remove_small_objects`: with scikit-image 0.26 it warns on every call, and its threshold's meaning
+    # (smaller than, or smaller than or equal to) changed with that version
+    if min_mm3 <= 0 or not mask.any(): return mask
+    pieces = ndimage.label(np.asarray(mask) > 0, structure=np.ones((3, 3, 3), bool))[0]
+    need = min_mm3 / float(np.prod([float(s) for s in spacing]))  # in voxels; a piece of exactly min_mm3 stays
+    keep = np.bincount(pieces.ravel()) >= need * (1 - 1e-9)
+    keep[0] = False  # the background
+    return np.where(keep[pieces], mask, 0).astype(mask.dtype)  # kept voxels keep their value (0/255 masks)
+
+# %% ../nbs/api/04a_predict.ipynb #0be6dec1
 class Segmenter:
     "A network and its `Preprocessing`: a CT in, the vessel mask and probability on the CT's own grid out"
     def __init__(self, network:torch.nn.Module, # the trained network; put in eval mode
@@ -116,21 +160,27 @@ class Segmenter:
         except NotImplementedError: pass  # a torch.export GraphModule (MLflow's pytorch flavour) is fixed in eval mode
         self.network, self.prep, self.amp = network.to(self.device), prep, amp
         self.pre = inference_transforms(prep)
-        self.invert = Invertd('pred', transform=self.pre, orig_keys='image', nearest_interp=False)
+        self.invert = Invertd(['pred', 'sd'], transform=self.pre, orig_keys='image', nearest_interp=False,
+                              allow_missing_keys=True)
 
-    def __call__(self, image, spacing=None) -> dict:
-        "`{'mask': uint8, 'prob': float32, 'affine': 4×4}` for a path, or for an array with its `spacing`"
+    def __call__(self, image, spacing=None, tta:bool|None=None) -> dict:
+        "`{'mask': uint8, 'prob': float32, 'affine': 4×4}` (and `uncertainty` with TTA) for a path or an array"
+        tta = self.prep.tta if tta is None else tta
         d = self.pre({'image': load_ct(image, spacing)})
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            out = sliding_window_inference(d['image'][None].to(self.device), self.prep.roi_size,
-                                           self.prep.sw_batch_size, self.network, overlap=self.prep.overlap)
-        d['pred'] = torch.softmax(out[0].float(), 0)[1:].cpu()
-        prob = self.invert(d)['pred'][0]
-        return dict(mask=(prob > 0.5).numpy().astype(np.uint8), prob=prob.numpy().astype(np.float32),
-                    affine=np.asarray(prob.affine, dtype=np.float64))
+            prob, sd = window_probs(self.network, d['image'][None].to(self.device), self.prep, tta)
+        d['pred'] = prob[0].cpu()
+        if sd is not None: d['sd'] = sd[0].cpu()
+        d = self.invert(d)
+        prob, affine = d['pred'][0], np.asarray(d['pred'].affine, dtype=np.float64)
+        mask = remove_small_pieces((prob > 0.5).numpy().astype(np.uint8), np.linalg.norm(affine[:3, :3], axis=0),
+                                   self.prep.min_component_mm3)
+        out = dict(mask=mask, prob=prob.numpy().astype(np.float32), affine=affine)
+        if sd is not None: out['uncertainty'] = d['sd'][0].numpy().astype(np.float32)
+        return out
 
 # %% ../nbs/api/04a_predict.ipynb #38e159c3
-_OUTPUTS = re.compile(r'_(seg|prob)\.nii(\.gz)?$')
+_OUTPUTS = re.compile(r'_(seg|prob|uncertainty)\.nii(\.gz)?$')
 
 def case_name(path) -> str:
     "The case a scan file is: its name without the extension and ImageCAS's `.img`"
@@ -177,15 +227,17 @@ def predict_files(seg:Segmenter,        # the model
                   out_dir,              # where the masks go
                   prob:bool=False,      # also write the vessel probability (float32)
                   progress:bool=True,   # show a progress bar
+                  tta:bool|None=None,   # mirror test-time augmentation; None: as the model was registered
                  ) -> list[Path]:       # the masks written, one per scan
-    "Segment every scan in `inputs`; write `<case>_seg.nii.gz` (and `<case>_prob.nii.gz`) on its own grid"
+    "Segment every scan in `inputs`; write `<case>_seg.nii.gz` (`_prob`, and `_uncertainty` with TTA) on its grid"
     files = collect_inputs(inputs)
     out = check_outputs(files, out_dir)
     written = []
     for f in tqdm(files, desc='segmenting', unit='scan', disable=not progress):
-        r = seg(f)
-        written.append(_save(r['mask'], r['affine'], out/f"{case_name(f)}_seg.nii.gz"))
-        if prob: _save(r['prob'], r['affine'], out/f"{case_name(f)}_prob.nii.gz")
+        r, name = seg(f, tta=tta), case_name(f)
+        written.append(_save(r['mask'], r['affine'], out/f"{name}_seg.nii.gz"))
+        if prob: _save(r['prob'], r['affine'], out/f"{name}_prob.nii.gz")
+        if 'uncertainty' in r: _save(r['uncertainty'], r['affine'], out/f"{name}_uncertainty.nii.gz")
     return written
 
 # %% ../nbs/api/04a_predict.ipynb #b8a4cb20
@@ -218,7 +270,8 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         self.segmenter = Segmenter(net, Preprocessing.from_dict(c['preprocessing']), os.environ.get('CORONARY_DEVICE'))
 
     def predict(self, context, model_input, params=None) -> list[np.ndarray]:
-        return [self.segmenter(img, sp)['mask'] for img, sp in _requests(model_input)]
+        tta = (params or {}).get('tta')  # e.g. `predict(paths, params={'tta': True})`; default: as registered
+        return [self.segmenter(img, sp, tta=tta)['mask'] for img, sp in _requests(model_input)]
 
 # %% ../nbs/api/04a_predict.ipynb #b8e2f012
 _MODEL_CODE = ("import mlflow\nfrom coronary_mlops.predict import SegmenterModel\n"

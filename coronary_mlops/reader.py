@@ -29,6 +29,7 @@ def quiet_downloads():
     "No MLflow progress bar for the kit's own small internal downloads"
     return env_override(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR='false')
 
+# %% ../nbs/api/01c_reader.ipynb #eff2dffd
 class ArtifactIntegrityError(RuntimeError):
     "A downloaded artifact whose bytes do not match the sha256 its manifest recorded"
 
@@ -75,17 +76,20 @@ def read_manifest(self:RunReader, run_id:str, folder:str) -> dict|None:
         except Exception: return None
         return read_json(Path(f).read_text())
 
+# %% ../nbs/api/01c_reader.ipynb #8ea927d4
 @patch
 def epochs(self:RunReader, run_id:str) -> list[int]:
     "The epochs run `run_id` holds in the store, from one listing of its `manifests/` folder"
     names = [PurePosixPath(d.path).name for d in self.repo(run_id).list_artifacts('manifests') if d.is_dir]
     return sorted(int(n[6:]) for n in names if n.startswith('epoch_') and n[6:].isdigit())
 
+# %% ../nbs/api/01c_reader.ipynb #d1ffab74
 @patch
 def manifest(self:RunReader, run_id:str, epoch:int) -> dict|None:
     "Epoch `epoch`'s manifest: its files with logical path, stored path, size, sha256 and encoding; None if it has none"
     return self.read_manifest(run_id, epoch_dir('manifest', epoch))
 
+# %% ../nbs/api/01c_reader.ipynb #5c37e077
 @patch
 def manifests(self:RunReader, run_id:str) -> dict:
     "{epoch: manifest} of the run, read from the store"
@@ -96,6 +100,7 @@ def served_decoded(e:dict, got) -> bool:
     "True if the store served the .gz file of manifest entry `e` already decompressed, with the logged content"
     return bool(e.get('content_sha256')) and not is_gzip(got) and sha256_file(got) == e['content_sha256']
 
+# %% ../nbs/api/01c_reader.ipynb #2cad0b23
 def walk(repo, path=None) -> list[str]:
     "Every file path under `path` of an artifact repository"
     out = []
@@ -129,6 +134,7 @@ def _entry_for(reader:RunReader, run_id:str, path:str) -> dict:
     files = (reader.manifest(run_id, epoch) or {}).get('files', []) if epoch is not None else []
     return next((x for x in files if x['path'] == path), {'stored': path})
 
+# %% ../nbs/api/01c_reader.ipynb #2b662528
 def _integrity_error(e:dict, path:str, run_id:str, out:Path, local:bool) -> ArtifactIntegrityError:
     if e['stored'].lower().endswith('.gz') and not is_gzip(out) and not local:  # only S3 decodes on the way
         return ArtifactIntegrityError(

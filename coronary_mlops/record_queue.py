@@ -29,9 +29,11 @@ log = logging.getLogger('coronary_mlops.tracker')
 class TrackerError(RuntimeError):
     "The tracking server refused something for a reason that retrying will not fix"
 
+# %% ../nbs/api/02a_record_queue.ipynb #cd990a53
 class TrackerPermissionError(TrackerError, PermissionError):
     "The MLflow user may not do this (basic-auth READ permission, or not logged in)"
 
+# %% ../nbs/api/02a_record_queue.ipynb #d6f3460a
 def _who() -> str:
     user = os.environ.get('MLFLOW_TRACKING_USERNAME')
     return f"user {user!r}" if user else "an anonymous user"
@@ -57,6 +59,7 @@ class MetricRecord(NamedTuple):
     "A metric point, with the time the loop logged it (ms since the Unix epoch)"
     run:str; kind:str; key:str; value:float; step:int; timestamp:int
 
+# %% ../nbs/api/02a_record_queue.ipynb #1e9a2040
 class ParamRecord(NamedTuple):
     "A param or (kind `tag`) a tag, with the time it was logged (ns)"
     run:str; kind:str; key:str; value:str; ns:int
@@ -66,6 +69,7 @@ class StatusRecord(NamedTuple):
     "A run's end: FINISHED, FAILED or KILLED, and when (ms)"
     run:str; kind:str; status:str; end_time:int
 
+# %% ../nbs/api/02a_record_queue.ipynb #088c5cbb
 class TextRecord(NamedTuple):
     "A value too long for a param or tag, kept as a text file of the run"
     run:str; kind:str; artifact_file:str; text:str; ns:int
@@ -75,6 +79,7 @@ class ArtifactRecord(NamedTuple):
     "A file or folder to log under `artifact_path` (copied into the spool when it waits there)"
     run:str; kind:str; source:str; artifact_path:str|None; ns:int
 
+# %% ../nbs/api/02a_record_queue.ipynb #7cc53930
 class CreateRecord(NamedTuple):
     "A run started while the server was down: `spec` holds its experiment, name, tags, parent and start time"
     run:str; kind:str; spec:dict
@@ -102,6 +107,7 @@ def as_record(r) -> tuple:
     if len(r) != len(t._fields): raise ValueError(f"not a record: a {kind} has {len(t._fields)} fields, not {len(r)}")
     return t(r[0], kind, *r[2:])
 
+# %% ../nbs/api/02a_record_queue.ipynb #a91ab617
 def dumps_record(r) -> str:
     "The JSON line a record is spooled as (its kind as the code on disk)"
     r = as_record(r)
@@ -112,9 +118,11 @@ class Unsent(Exception):
     "A transient failure; `records` are the ones that did not reach the store, in order"
     def __init__(self, records): self.records = records
 
+# %% ../nbs/api/02a_record_queue.ipynb #da1837ab
 class Late(Unsent):
     "The caller's deadline came before the store's answer: `records` wait in memory, and the store is not called down"
 
+# %% ../nbs/api/02a_record_queue.ipynb #7677760f
 def _run_steps(recs):
     "One run's records as ('batch', run, metrics, params, tags, records) and (kind, run, record) steps, in order"
     cur = None
@@ -135,6 +143,7 @@ def _run_steps(recs):
             yield (kind, run, r)
     if cur: yield cur
 
+# %% ../nbs/api/02a_record_queue.ipynb #ceb7c6a4
 def batches(recs):
     "Steps for `recs`, run by run (in order of first appearance); each run's own records keep their order"
     by_run = {}
@@ -190,6 +199,7 @@ def push(self:RecordQueue, rec:tuple):
     if len(self.buf) >= self.max_queue: self._spill()
     elif len(self.buf) % MAX_METRICS_PER_BATCH == 0: self._wake.set()
 
+# %% ../nbs/api/02a_record_queue.ipynb #ba64f8fa
 @patch
 def start(self:RecordQueue):
     "Start the worker thread if it is not running"
@@ -214,6 +224,7 @@ def _take(self:RecordQueue) -> list:
         except IndexError: break
     return out
 
+# %% ../nbs/api/02a_record_queue.ipynb #0d276532
 @patch
 def cycle(self:RecordQueue):
     "Replay the spool, then send or spool what is queued"
@@ -239,15 +250,69 @@ def cycle(self:RecordQueue):
             if self._orphan is sending: self._orphan = None; return  # `stop` gave up on this send and kept them
         self.keep(recs)
 
+# %% ../nbs/api/02a_record_queue.ipynb #cbb16254
+@patch
+def resolve(self:RecordQueue, local:str) -> str|None:
+    "The store's id of run `local`: itself, or for an `offline-…` run the id `sync` gave it (None before that)"
+    if not local.startswith('offline-'): return local
+    f = self.spool_dir/local/'run_id'
+    if f.exists(): self.ids[local] = f.read_text().strip()
+    return self.ids.get(local)
+
+# %% ../nbs/api/02a_record_queue.ipynb #cf97ead7
+@patch
+def map_id(self:RecordQueue, local:str, run_id:str):
+    "Record that offline run `local` is run `run_id` in the store (durably, before its records are sent)"
+    f = self.spool_dir/local/'run_id'; f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name('.run_id.tmp'); tmp.write_text(run_id); os.replace(tmp, f)
+    self.ids[local] = run_id
+
 # %% ../nbs/api/02a_record_queue.ipynb #5a475a81
 def _size(step) -> int: return len(step[5]) if step[0] == 'batch' else 1
 def _records(steps) -> list: return [r for s in steps for r in (s[5] if s[0] == 'batch' else [s[2]])]
+
+# %% ../nbs/api/02a_record_queue.ipynb #cd813ed4
 _BUSY = re.compile(r'database is locked|OperationalError|[Cc]onnection|[Tt]imed? ?out|[Tt]emporar|50[234]')
 
 def _transient(e:Exception) -> bool:
     "A failure worth retrying as it is: the network, a busy database, a server error that says so"
     return isinstance(e, (ConnectionError, TimeoutError, OSError)) or bool(_BUSY.search(f"{type(e).__name__}: {e}"))
 
+# %% ../nbs/api/02a_record_queue.ipynb #3a0d337a
+def folder_mb(path) -> float:
+    "Megabytes in file or folder `path` (0 if it is gone): what an upload of it sends"
+    p = Path(path)
+    if not p.exists(): return 0.0
+    return (p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob('*') if f.is_file())) / 1e6
+
+# %% ../nbs/api/02a_record_queue.ipynb #d3bb4f14
+def _mb(step) -> float: return folder_mb(step[2].source) if step[0] == 'artifact' else 0.0
+
+@patch
+def _call(self:RecordQueue, step, run_id):
+    "`send(step, run_id)` by its deadline on a server: `call_timeout` (plus a second a megabyte), cut to the flush's"
+    if not self.is_server: return self.send(step, run_id)
+    own = self.call_timeout + _mb(step)
+    left = None if self._until is None else max(0.0, self._until - time.monotonic())
+    try: return within(lambda: self.send(step, run_id), own if left is None else min(own, left),
+                       f"MLflow server {redact_uri(self.tracking_uri)}")
+    except TimeoutError:
+        if left is not None and left < own: raise Late([]) from None  # the caller's deadline, not the server's
+        self._wedged = True
+        raise
+
+# %% ../nbs/api/02a_record_queue.ipynb #81b4541c
+@patch
+def _apply(self:RecordQueue, step):
+    kind, local = step[0], step[1]
+    if kind == 'create':
+        if not self.resolve(local): self._call(step, None)
+        return
+    run_id = self.resolve(local)
+    if run_id is None: raise TrackerError(f"run {local} was never created on the server")
+    self._call(step, run_id)
+
+# %% ../nbs/api/02a_record_queue.ipynb #6c6f8503
 @patch
 def send_records(self:RecordQueue, recs:list, replay:bool=False):
     "Send records in order; raise `Unsent` with the rest on a transient failure; set aside what the store refuses"
@@ -265,37 +330,6 @@ def send_records(self:RecordQueue, recs:list, replay:bool=False):
             raise Unsent(_records(steps[i:])) from e
         self.stats['replayed' if replay else 'sent'] += _size(step)
 
-@patch
-def _apply(self:RecordQueue, step):
-    kind, local = step[0], step[1]
-    if kind == 'create':
-        if not self.resolve(local): self._call(step, None)
-        return
-    run_id = self.resolve(local)
-    if run_id is None: raise TrackerError(f"run {local} was never created on the server")
-    self._call(step, run_id)
-
-def folder_mb(path) -> float:
-    "Megabytes in file or folder `path` (0 if it is gone): what an upload of it sends"
-    p = Path(path)
-    if not p.exists(): return 0.0
-    return (p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob('*') if f.is_file())) / 1e6
-
-def _mb(step) -> float: return folder_mb(step[2].source) if step[0] == 'artifact' else 0.0
-
-@patch
-def _call(self:RecordQueue, step, run_id):
-    "`send(step, run_id)` by its deadline on a server: `call_timeout` (plus a second a megabyte), cut to the flush's"
-    if not self.is_server: return self.send(step, run_id)
-    own = self.call_timeout + _mb(step)
-    left = None if self._until is None else max(0.0, self._until - time.monotonic())
-    try: return within(lambda: self.send(step, run_id), own if left is None else min(own, left),
-                       f"MLflow server {redact_uri(self.tracking_uri)}")
-    except TimeoutError:
-        if left is not None and left < own: raise Late([]) from None  # the caller's deadline, not the server's
-        self._wedged = True
-        raise
-
 # %% ../nbs/api/02a_record_queue.ipynb #11554dab
 _WORDS = dict(text='text file', create='run', input='dataset input')
 
@@ -306,6 +340,7 @@ def describe(rec) -> str:
     if rec.kind in ('param', 'tag'): return f"{kind} {rec.key!r} = {str(rec.value)[:40]!r}"
     return f"{kind} {str(rec[2])[:60]!r}"
 
+# %% ../nbs/api/02a_record_queue.ipynb #bc3af5ab
 @patch
 def _reject(self:RecordQueue, recs, e):
     "Set `recs` aside in `rejected/` and keep an error that names them, raised from the next flush or log call"
@@ -318,6 +353,7 @@ def _reject(self:RecordQueue, recs, e):
     what = f" Refused: {describe(recs[0])}{more}; kept in {f}."
     self.errors.append(TrackerError(f"{e}{what}") if type(e) is TrackerError else e)
 
+# %% ../nbs/api/02a_record_queue.ipynb #2d9c14d1
 _RUN_REFUSALS = {'RESOURCE_DOES_NOT_EXIST', 'INVALID_STATE', 'PERMISSION_DENIED', 'UNAUTHENTICATED'}
 
 @patch
@@ -335,6 +371,7 @@ def _set_aside(self:RecordQueue, step, e:Exception):
             refused.append(r); err = e1
     if refused: self._reject(refused, err)
 
+# %% ../nbs/api/02a_record_queue.ipynb #0b0ff710
 @patch
 def raise_errors(self:RecordQueue):
     "Raise the first error a send met since the last call, if any"
@@ -348,6 +385,7 @@ def seq_of(name:str) -> int:
     head = name.split('-', 1)[0]
     return int(head) if head.isdigit() else -1
 
+# %% ../nbs/api/02a_record_queue.ipynb #d8afae9d
 @patch
 def _next_name(self:RecordQueue, d:Path) -> str:
     "A new segment's name in run folder `d`: one past the highest sequence there and the last this process wrote"
@@ -366,6 +404,7 @@ def spool_write(self:RecordQueue, recs:list):
             rs = [self._stage_file(r, d) if r.kind == 'artifact' else r for r in rs]
             write_atomic(d/self._next_name(d), ''.join(dumps_record(r) + '\n' for r in rs))
 
+# %% ../nbs/api/02a_record_queue.ipynb #604f1dee
 @patch
 def _stage_file(self:RecordQueue, r, d:Path):
     "Copy a file or folder an artifact record points at into the spool, so later edits cannot change it"
@@ -399,6 +438,7 @@ def _spill(self:RecordQueue):
     recs = self._take()
     if recs and self.keep(recs): self.stats['spills'] += 1; self._wake.set()
 
+# %% ../nbs/api/02a_record_queue.ipynb #cf1eb592
 @patch
 def spooled_segments(self:RecordQueue, run:str|None=None) -> list[Path]:
     "Spool segments waiting to be replayed, oldest first"
@@ -406,6 +446,7 @@ def spooled_segments(self:RecordQueue, run:str|None=None) -> list[Path]:
     dirs = [self.spool_dir/run] if run else [d for d in self.spool_dir.iterdir() if d.is_dir() and d.name != 'rejected']
     return sorted((f for d in dirs for f in d.glob('*.jsonl')), key=lambda f: (seq_of(f.name), f.name))
 
+# %% ../nbs/api/02a_record_queue.ipynb #b7910e18
 @patch(as_prop=True)
 def pending(self:RecordQueue) -> int:
     "Records not yet in the store: queued in memory plus spooled on disk"
@@ -419,6 +460,7 @@ def _record(line:str) -> tuple:
     "One spooled record from its line; ValueError if the line is not one (valid JSON of the wrong shape included)"
     return as_record(json.loads(line))
 
+# %% ../nbs/api/02a_record_queue.ipynb #8eb025ab
 @patch
 def read_segment(self:RecordQueue, seg:Path) -> list[tuple]:
     "The records in spool segment `seg`; lines that cannot be read are set aside in `rejected/`, saying why"
@@ -459,6 +501,7 @@ def set_aside(self:RecordQueue) -> list[Path]:
     d = self.spool_dir/'rejected'
     return sorted(f for f in d.iterdir() if f.suffix in ('.jsonl', '.torn')) if d.is_dir() else []
 
+# %% ../nbs/api/02a_record_queue.ipynb #59ac3691
 @patch
 def retry_rejected(self:RecordQueue) -> int:
     "Put the records the store refused back in the spool, to be sent again; return how many"
@@ -467,22 +510,6 @@ def retry_rejected(self:RecordQueue) -> int:
         if recs := self.read_segment(f): self.spool_write(recs)
         f.unlink(); n += len(recs)
     return n
-
-# %% ../nbs/api/02a_record_queue.ipynb #cbb16254
-@patch
-def resolve(self:RecordQueue, local:str) -> str|None:
-    "The store's id of run `local`: itself, or for an `offline-…` run the id `sync` gave it (None before that)"
-    if not local.startswith('offline-'): return local
-    f = self.spool_dir/local/'run_id'
-    if f.exists(): self.ids[local] = f.read_text().strip()
-    return self.ids.get(local)
-
-@patch
-def map_id(self:RecordQueue, local:str, run_id:str):
-    "Record that offline run `local` is run `run_id` in the store (durably, before its records are sent)"
-    f = self.spool_dir/local/'run_id'; f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_name('.run_id.tmp'); tmp.write_text(run_id); os.replace(tmp, f)
-    self.ids[local] = run_id
 
 # %% ../nbs/api/02a_record_queue.ipynb #4573c718
 @patch
@@ -497,6 +524,7 @@ def flush(self:RecordQueue, timeout:float|None=None) -> bool:
         return not self.buf and not self.spooled_segments()
     finally: self._until = None; self.io.release()
 
+# %% ../nbs/api/02a_record_queue.ipynb #ca4c4d1e
 @patch
 def stop(self:RecordQueue, timeout:float=10):
     "Stop the worker thread; records still in memory go to the spool"

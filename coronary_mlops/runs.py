@@ -23,6 +23,7 @@ def param_value(v, where:str='param') -> str:
     if v is None or isinstance(v, (bool, int, float)): return str(v)
     return json.dumps(to_jsonable(v, where), separators=(',', ':'))  # anything else is a TypeError naming `where`
 
+# %% ../nbs/api/02b_runs.ipynb #547b7449
 def flatten_params(params:Mapping, prefix:str='') -> dict[str, str]:
     "`params` flattened to `{dotted.key: str}`, redacted (secret-named keys, secrets inside values and lists)"
     out = {}
@@ -39,6 +40,7 @@ def flatten_params(params:Mapping, prefix:str='') -> dict[str, str]:
 # %% ../nbs/api/02b_runs.ipynb #8e818a41
 def _dt(ms) -> datetime|None: return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
 
+# %% ../nbs/api/02b_runs.ipynb #51263885
 @dataclass
 class RunInfo:
     "One MLflow run: status, times, params, latest metrics, tags and where its artifacts are"
@@ -81,6 +83,7 @@ class RunInfo:
                           *[f"| `{k}` | `{short_value(v)}` |" for k, v in sorted(d.items())]]
         return '\n'.join(out)
 
+# %% ../nbs/api/02b_runs.ipynb #d1e19153
 def short_value(v, n:int=80) -> str:
     "`v` for a table or a message: a float to 6 significant digits, cut at `n` characters, pipes escaped"
     s = f"{v:.6g}" if isinstance(v, float) else str(v)

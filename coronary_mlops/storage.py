@@ -31,6 +31,7 @@ NONFINITE = {'NaN': math.nan, 'Infinity': math.inf, '-Infinity': -math.inf}
 def _float(x:float):
     return x if math.isfinite(x) else ('NaN' if math.isnan(x) else 'Infinity' if x > 0 else '-Infinity')
 
+# %% ../nbs/api/01b_storage.ipynb #0d899b0c
 def to_jsonable(obj, where:str='value'):
     "`obj` as plain JSON types; non-finite floats become strings; unsupported types raise `TypeError` naming `where`"
     if obj is None or isinstance(obj, (bool, str, int)): return obj
@@ -52,6 +53,7 @@ def dumps_json(obj, where:str='value') -> str:
     "Strict JSON text for `obj` (see `to_jsonable`)"
     return json.dumps(to_jsonable(obj, where), indent=2, sort_keys=False, allow_nan=False)
 
+# %% ../nbs/api/01b_storage.ipynb #67d77a54
 def read_json(text:str):
     "Parse the kit's JSON, turning the non-finite tokens back into floats"
     def fix(o):
@@ -79,6 +81,7 @@ def temp_name(path:Path) -> Path:
     "A temporary name beside `path` for writing it whole before a rename: `.name.tmp-<pid>-<hex>`"
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
+# %% ../nbs/api/01b_storage.ipynb #d6cd1c71
 def is_temp_name(name:str) -> bool:
     "True for a name `temp_name` made: a file that is not (yet) what its folder holds"
     return bool(_TMP_RE.match(name))
@@ -88,6 +91,7 @@ def is_gzip(path) -> bool:
     "True if the file starts with the gzip magic bytes"
     with open(path, 'rb') as f: return f.read(2) == b'\x1f\x8b'
 
+# %% ../nbs/api/01b_storage.ipynb #7134d21f
 def gunzip_sha256(path) -> str|None:
     "sha256 of the decompressed content of gzip file `path`, or None if it is not gzip"
     h = hashlib.sha256()
@@ -97,6 +101,7 @@ def gunzip_sha256(path) -> str|None:
     except (OSError, EOFError): return None
     return h.hexdigest()
 
+# %% ../nbs/api/01b_storage.ipynb #05fa5be3
 def gzip_file(src, dst) -> str:
     "Compress `src` into `dst` (level 1, no timestamp, so equal input gives equal bytes); return the sha256 of `dst`"
     dst = Path(dst); tmp = temp_name(dst)  # a cut-off `dst` (a full disk) must never pass for the whole file
@@ -115,6 +120,7 @@ def pid_alive(pid:int) -> bool:
     except ProcessLookupError: return False
     except PermissionError: return True
 
+# %% ../nbs/api/01b_storage.ipynb #fbb18fb3
 def sweep_stale_temps(folder) -> int:
     "Remove temporary files in `folder` left by writers that no longer run; return how many"
     n = 0
@@ -143,9 +149,11 @@ def atomic_torch_save(obj, path) -> int:
     finally: os.close(dfd)
     return path.stat().st_size
 
+# %% ../nbs/api/01b_storage.ipynb #2a257ee1
 class UnsafeCheckpointError(ValueError):
     "A checkpoint that holds pickled objects: refused, and never to be loaded with weights_only=False"
 
+# %% ../nbs/api/01b_storage.ipynb #74f73914
 def load_checkpoint(path, map_location='cpu'):
     "Load a checkpoint with `torch.load(weights_only=True)`: tensors and plain containers only, no pickled code"
     try: return torch.load(path, map_location=map_location, weights_only=True)
@@ -174,6 +182,7 @@ def _copy_into(buf:torch.Tensor, t:torch.Tensor) -> torch.Tensor:
         except (RuntimeError, TypeError): pass  # tensors numpy cannot view (conj/neg bits): torch copies them
     return buf.copy_(t)
 
+# %% ../nbs/api/01b_storage.ipynb #3f7f6bf7
 def snapshot_state(state, where:str='model_state', alloc=None):
     "A CPU copy of `state` (an `nn.Module`, a state dict, or nested containers of tensors and plain values)"
     if isinstance(state, torch.nn.Module): state = state.state_dict()
@@ -208,6 +217,7 @@ def no_room(e:BaseException) -> bool:
     "True if `e` says the disk is full, over quota or read-only: the write may work later, as it is"
     return isinstance(e, OSError) and e.errno in _NO_ROOM
 
+# %% ../nbs/api/01b_storage.ipynb #80cd6858
 def disk_error(e:OSError,            # what the write raised
                folder,                # the folder it wrote into
                need:int|None=None,    # bytes the write needed, when known
@@ -224,6 +234,7 @@ def disk_error(e:OSError,            # what the write raised
     return OSError(e.errno, f"{why}: {what} could not be written. Free space there or point store_dir elsewhere; "
                    "what was logged before is kept")
 
+# %% ../nbs/api/01b_storage.ipynb #d0a69263
 class Slab:
     "A file in the staging folder, mapped into memory, with one page-aligned region per tensor of a state"
     def __init__(self, path:Path, key:tuple): # key: ((shape, dtype), ...) of the state's tensors, depth first
@@ -250,6 +261,7 @@ class Slab:
 
     def drop(self): self.tensors = []; self.path.unlink(missing_ok=True)
 
+# %% ../nbs/api/01b_storage.ipynb #1521aa51
 def read_slab(path, layout:list) -> list[torch.Tensor]:
     "The tensors of a slab file, read back (for an epoch whose process died before its checkpoint was written)"
     out = []
@@ -284,6 +296,7 @@ def skeleton(state, n:list|None=None):
         return {'l' if isinstance(state, list) else 'u': [skeleton(v, n) for v in state]}
     return {'v': state}
 
+# %% ../nbs/api/01b_storage.ipynb #73a489e4
 def from_skeleton(sk:dict, tensors:list):
     "The state a `skeleton` describes, with its tensors"
     if 't' in sk: return tensors[sk['t']]
@@ -298,6 +311,7 @@ def _git_commit(cwd=None) -> str|None:
     except (OSError, subprocess.SubprocessError): return None
     return (r.stdout.strip() or None) if r.returncode == 0 else None
 
+# %% ../nbs/api/01b_storage.ipynb #ef74f2c7
 def software_versions() -> dict:
     "Versions of Python and the libraries that shape a training run"
     out = {'python': sys.version.split()[0]}
@@ -326,6 +340,7 @@ def fmt_value(v) -> str:
     if isinstance(v, float): return f"{v:.6f}" if math.isfinite(v) else _float(v)
     return str(v)
 
+# %% ../nbs/api/01b_storage.ipynb #f028c751
 def epoch_summary(epoch:int, # the epoch
                   metrics:Mapping, # {name: value}
                   paths:Mapping, # {artifact type: run-relative path or paths}

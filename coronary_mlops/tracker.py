@@ -44,7 +44,6 @@ log = logging.getLogger('coronary_mlops.tracker')
 class ParamConflictError(ValueError):
     "A param was logged again with a different value; MLflow params are immutable"
 
-# %% ../nbs/api/02_tracker.ipynb #26e4fb00
 class MLflowTracker:
     "Experiments, runs, params, metrics and artifacts on MLflow; non-blocking logging with an offline spool"
     def __init__(self, tracking_uri:str|None=None, # where runs go; `settings.tracking_uri` when None
@@ -92,6 +91,7 @@ def probe(self:MLflowTracker) -> bool:
     "True if the tracking store answers now; remembered as `online`"
     return self.queue.probe()
 
+# %% ../nbs/api/02_tracker.ipynb #3a025184
 @patch(as_prop=True)
 def online(self:MLflowTracker) -> bool|None:
     "True/False once the store was contacted; None before"
@@ -102,6 +102,7 @@ def stats(self:MLflowTracker) -> dict:
     "Records sent, spooled, replayed and rejected, and how often the cap spilled the queue"
     return self.queue.stats
 
+# %% ../nbs/api/02_tracker.ipynb #46d2eadb
 @patch
 def _ask(self:MLflowTracker, fn, seconds:float|None=None):
     "`fn()`, a call to the store from the caller's thread, by `seconds` (the queue's `call_timeout`) on a server"
@@ -110,6 +111,7 @@ def _ask(self:MLflowTracker, fn, seconds:float|None=None):
     try: return within(fn, wait, f"MLflow server {redact_uri(self.settings.tracking_uri)}")
     except TimeoutError: self.queue._wedged = True; raise
 
+# %% ../nbs/api/02_tracker.ipynb #2a1a8338
 def _fast_fail():
     "Make MLflow's HTTP client give up within a second (used where the answer does not matter)"
     return env_override(MLFLOW_HTTP_REQUEST_MAX_RETRIES='0', MLFLOW_HTTP_REQUEST_TIMEOUT='1')
@@ -156,7 +158,6 @@ def _send_step(self:MLflowTracker, step, run_id:str|None):
         if src.is_file(): self.client.log_artifact(run_id, str(src), rec.artifact_path)
         else: self.client.log_artifacts(run_id, str(src), rec.artifact_path)
 
-# %% ../nbs/api/02_tracker.ipynb #604e916d
 @patch
 def _create_synced(self:MLflowTracker, local:str, spec:dict):
     "Create offline run `local` in the store, record its id, and move its spooled epochs to it"
@@ -191,6 +192,7 @@ def pending(self:MLflowTracker) -> int:
     "Records not yet in the store: queued in memory plus spooled on disk"
     return self.queue.pending
 
+# %% ../nbs/api/02_tracker.ipynb #f9e3f320
 @patch
 def sync(self:MLflowTracker) -> dict:
     "Replay everything spooled (metrics, params, tags, statuses, offline runs, artifact epochs); raise if unreachable"
@@ -218,12 +220,14 @@ def close(self:MLflowTracker, status:str='FINISHED', # how runs still open end
     self.queue.stop(timeout=min(10, left()))
     if self._artifacts is not None: self._artifacts.close(raise_errors=False)
 
+# %% ../nbs/api/02_tracker.ipynb #cb7d4f90
 @patch
 def __enter__(self:MLflowTracker): return self
 @patch
 def __exit__(self:MLflowTracker, typ, *exc):
     self.close('FINISHED' if typ is None else 'KILLED' if issubclass(typ, KeyboardInterrupt) else 'FAILED')
 
+# %% ../nbs/api/02_tracker.ipynb #603f3ef3
 def _close_trackers():
     for t in list(_TRACKERS):
         with contextlib.suppress(Exception): t.close()
@@ -294,7 +298,7 @@ def start_run(self:MLflowTracker, run_name:str|None=None, # the run's name; MLfl
     for k in tags: check_key(k, 'tag')
     key = uuid.uuid4().hex
     if not resume_run_id: tags[TAG_START_ID] = key
-    parent = self.run_id if nested else None
+    parent, run_name = self.run_id if nested else None, redact_text(run_name)  # a name can hold a secret too
     if not self.queue.probe(api=True):
         if resume_run_id:
             raise ConnectionError(f"Cannot resume run {resume_run_id}: "
@@ -334,7 +338,6 @@ def _activate(self:MLflowTracker, run_id:str, experiment_id:str, nested:bool=Fal
                                  tracking_uri=self.settings.tracking_uri)
         m.start(); self._monitors[run_id] = m
 
-# %% ../nbs/api/02_tracker.ipynb #a4d87c1c
 @patch
 def _start_offline(self:MLflowTracker, run_name, tags, parent, key:str) -> TrackedRun:
     "A local run id whose creation is spooled; `sync()` creates it on the server"
@@ -403,6 +406,7 @@ def _target(self:MLflowTracker, run_id:str|None) -> str:
     if not self._stack: raise ValueError("No active run: call tracker.start_run() first, or pass run_id=...")
     return self._stack[-1]
 
+# %% ../nbs/api/02_tracker.ipynb #5bde23ca
 @patch
 def log_metric(self:MLflowTracker, key:str, # the metric name (MLflow's key rule, checked here)
                value, # a number: float, int, NumPy scalar or one-element tensor
@@ -438,6 +442,7 @@ def _ref(kind:str, key:str, value:str) -> tuple[str, str]:
     f = value_file(kind, key)
     return f, f"@artifact {f} ({len(value)} chars, sha256 {hashlib.sha256(value.encode()).hexdigest()[:12]})"
 
+# %% ../nbs/api/02_tracker.ipynb #137f835a
 @patch
 def log_params(self:MLflowTracker, params:Mapping, run_id:str|None=None) -> dict[str, str]:
     "Flatten, check and queue `params`; return the `{key: value}` MLflow will hold"
@@ -523,6 +528,7 @@ def log_artifacts(self:MLflowTracker, local_dir, artifact_path:str|None=None, ru
     if not Path(local_dir).is_dir(): raise NotADirectoryError(f"log_artifacts: {str(local_dir)!r} is not a folder")
     return self.log_artifact(local_dir, artifact_path, run_id)
 
+# %% ../nbs/api/02_tracker.ipynb #5eaccdbf
 @patch(as_prop=True)
 def artifacts(self:MLflowTracker) -> MLflowArtifactManager:
     "The artifact manager for epochs, sharing this tracker's settings and client"

@@ -8,7 +8,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/train.html.md"""
 from __future__ import annotations
 import json, logging, math, shutil, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
 import numpy as np
 import nibabel as nib
@@ -28,8 +28,8 @@ from .tracker import MLflowTracker
 from .uploader import Snapshot
 from .check import DataReport
 from .data import PhantomConfig, dataset_digest
-from .evaluate import evaluate_cases, evaluate_volumes, summarize, write_cases_csv
-from .predict import Segmenter, log_segmenter
+from .evaluate import choose_min_component, evaluate_cases, evaluate_volumes, summarize, write_cases_csv
+from .predict import Preprocessing, Segmenter, log_segmenter
 from .plan import TrainConfig, build_model, cache_line, make_datasets, network_config, preprocessing
 from .figures import LiveCurves, live_bars, overlay_image, save_png
 from .distributed import (DistContext, amp_dtype, broadcast_flag, dist_info, mean_across,
@@ -39,9 +39,9 @@ from . import registry
 _all_ = ['TrainConfig']  # `from coronary_mlops.train import TrainConfig, train`: what a run needs, from one place
 
 # %% auto #0
-__all__ = ['CURVES_BUDGET', 'NonFiniteLossError', 'TrainingOOMError', 'oom_hint', 'TrainResult', 'Loaders', 'make_loaders',
-           'TrainParts', 'build_parts', 'train_epoch', 'validate', 'EarlyStopping', 'save_volumes', 'EpochFiler',
-           'Monitor', 'run_description', 'version_tags', 'version_description', 'train', 'TrainConfig']
+__all__ = ['CURVES_BUDGET', 'TAG_POSTPROCESS', 'NonFiniteLossError', 'TrainingOOMError', 'oom_hint', 'TrainResult', 'Loaders',
+           'make_loaders', 'TrainParts', 'build_parts', 'train_epoch', 'validate', 'EarlyStopping', 'save_volumes',
+           'EpochFiler', 'Monitor', 'run_description', 'version_tags', 'version_description', 'train', 'TrainConfig']
 
 # %% ../nbs/api/05_train.ipynb #8774f92c
 log = logging.getLogger('coronary_mlops.train')
@@ -80,6 +80,7 @@ class TrainResult:
     test:dict = field(default_factory=dict) # held-out test metrics of the final model, on each case's own grid
     cases:list = field(default_factory=list) # the held-out test table: one row per case (`evaluate.case_metrics`)
     test_missing:str|None = None # why there are no test metrics, when the held-out evaluation could not run
+    preprocessing:dict = field(default_factory=dict) # what the logged model does before and after the network
     def _repr_markdown_(self):
         return (f"run `{self.run_id}`: best validation Dice **{self.best_dice:.3f}** at epoch {self.best_epoch} "
                 f"({self.epochs_run} epochs, {self.seconds:.0f} s)"
@@ -395,18 +396,35 @@ def _run_epochs(r:_RunContext, parts:TrainParts, loaders:Loaders, stopper:EarlyS
                 break
     return history
 
+# %% ../nbs/api/05_train.ipynb #849898f1
+TAG_POSTPROCESS = 'coronary_mlops.postprocess'  # the small-piece removal the model keeps, chosen on validation
+
+def _postprocessing(r:_RunContext, model, val_loader) -> Preprocessing:
+    "The model's `Preprocessing`, with the small-piece removal chosen on `val_loader` when `cfg.postprocess`"
+    prep = preprocessing(r.cfg)
+    if not r.cfg.postprocess or val_loader is None: return prep
+    mm3, table = choose_min_component(model, val_loader, prep, r.proc.device, r.amp)
+    f = r.work/'choice.json'; f.write_text(json.dumps(dict(chosen_min_component_mm3=mm3, tried=table), indent=1))
+    r.tracker.log_artifact(f, 'postprocess')
+    r.tracker.set_tag(TAG_POSTPROCESS, f"remove pieces under {mm3:g} mm³" if mm3 else "none: no threshold improved "
+                      "both validation Dice and Betti-0 error")
+    return replace(prep, min_component_mm3=mm3)
+
 # %% ../nbs/api/05_train.ipynb #5a3013bd
-def _finish(r:_RunContext, model, result:TrainResult, onnx:bool) -> bool:
+def _finish(r:_RunContext, model, result:TrainResult, onnx:bool, val_loader=None) -> bool:
     "Reload the best weights and log them as the run's MLflow model (and as ONNX if asked); False if there are none"
     state = r.tracker.artifacts.best_checkpoint(r.run_id)
     if state is None: return False
-    model.load_state_dict(state['model']); model.eval().cpu()
+    model.load_state_dict(state['model'])
+    prep = _postprocessing(r, model, val_loader)
+    model.eval().cpu()
     # an input in the windowed CT range: a constant one is degenerate for instance norm (variance 0) and would make
     # the ONNX check compare rounding noise amplified by 1/sqrt(eps)
     example = torch.rand(1, 1, *r.cfg.roi_size, generator=torch.Generator().manual_seed(r.cfg.seed))
     best = next((h for h in result.history if h['epoch'] == result.best_epoch), {})
     best_metrics = {k: v for k, v in best.items() if k.startswith('val_')}
-    step, net, prep = max(result.best_epoch, 0), network_config(r.cfg), preprocessing(r.cfg)
+    step, net = max(result.best_epoch, 0), network_config(r.cfg)
+    result.preprocessing = prep.to_dict()
     mi = registry.log_model(model, example, r.run_id, step=step, best_metrics=best_metrics, tracker=r.tracker,
                             metadata=dict(network={k: list(v) for k, v in net.items() if isinstance(v, tuple)},
                                           preprocessing=prep.to_dict()))
@@ -419,14 +437,15 @@ def _finish(r:_RunContext, model, result:TrainResult, onnx:bool) -> bool:
     return True
 
 # %% ../nbs/api/05_train.ipynb #943a86c7
-def _end(r:_RunContext, model, test_cases:list, stopper:EarlyStopping, history:list, onnx:bool) -> TrainResult:
+def _end(r:_RunContext, model, test_cases:list, stopper:EarlyStopping, history:list, onnx:bool,
+         val_loader=None) -> TrainResult:
     "Wait for the uploads and leave the process group; then, on rank 0, the final model and its held-out test"
     r.tracker.artifacts.flush()
     if r.proc.world > 1:  # the rest (final model, test set, registration) is rank 0's alone
         import torch.distributed as dist
         dist.barrier(); dist.destroy_process_group()
     result = TrainResult(r.run_id, stopper.best, stopper.best_epoch, len(history), history)
-    if r.proc.rank == 0 and _finish(r, model, result, onnx):  # the best weights are loaded: test them once
+    if r.proc.rank == 0 and _finish(r, model, result, onnx, val_loader):  # the best weights are loaded: test them once
         try: _test(r, model, test_cases, result, step=max(stopper.best_epoch, 0))
         except Exception as e:  # training was accepted and its model is logged: the run still ends FINISHED
             result.test, result.cases = {}, []
@@ -438,7 +457,7 @@ def _end(r:_RunContext, model, test_cases:list, stopper:EarlyStopping, history:l
 
 def _test(r:_RunContext, model, test_cases:list, result:TrainResult, step:int):
     "Score the best weights on the held-out cases, on each case's own grid as published tables are; log the table"
-    seg = Segmenter(model, preprocessing(r.cfg), r.proc.device, r.amp)
+    seg = Segmenter(model, Preprocessing.from_dict(result.preprocessing), r.proc.device, r.amp)  # post-processed too
     result.cases = evaluate_cases(seg, test_cases, progress=r.progress and live_bars())
     result.test = summarize(result.cases)
     r.tracker.log_metrics(result.test, step=step)
@@ -472,7 +491,8 @@ def version_tags(res:TrainResult, cfg:TrainConfig, tracker=None) -> dict:
     tags = {**{k: f"{v:.4g}" for k, v in best.items() if k.startswith('val_')},
             **{k: f"{v:.4g}" for k, v in res.test.items()}, 'best_epoch': str(res.best_epoch),
             'preprocessing': json.dumps(dict(pixdim_mm=list(cfg.pixdim), window_hu=list(cfg.window), orientation='RAS',
-                                             roi_size=list(cfg.roi_size), overlap=cfg.overlap))}
+                                             roi_size=list(cfg.roi_size), overlap=cfg.overlap, blend=cfg.blend,
+                                             tta=cfg.tta, min_component_mm3=res.preprocessing.get('min_component_mm3', 0.0)))}
     if tracker is not None:
         tags['dataset_digest'] = tracker.client.get_run(res.run_id).data.params.get('dataset_digest', 'unknown')
     return tags
@@ -534,7 +554,7 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
         result = None
         try:
             history = _run_epochs(r, parts, loaders, stopper, epochs, step)
-            result = _end(r, parts.model, ds['split']['test'], stopper, history, onnx)
+            result = _end(r, parts.model, ds['split']['test'], stopper, history, onnx, loaders.val)
         finally:  # the live view hears the end however it came, a failed test evaluation or export included
             if r.monitor is not None: r.monitor.end(result)
     if register and result.model_uri:

@@ -105,6 +105,7 @@ def _recover(self:EpochUploader, job:Path, staging:Path, pid:int):
     log.warning("Recovered epoch staged by process %s into the spool%s: %s", pid,
                 " (its checkpoint rebuilt from the staged snapshot)" if rebuilt else "", dst)
 
+# %% ../nbs/api/01d_uploader.ipynb #d07eaf64
 PARKED = 'snapshot.bin'  # a job's own slab: the weights of an epoch whose checkpoint the disk had no room for
 _LEFT = set()  # staging folders whose manager closed with epochs it could not file: the next manager recovers them
 
@@ -197,7 +198,6 @@ def _hash_open(self:EpochUploader, fh) -> str:
     finally:
         with self._lock: self._hashing -= 1
 
-
 # %% ../nbs/api/01d_uploader.ipynb #f5beee1e
 def _group_paths(plan) -> dict:
     "{artifact type: path, or list of paths when there are several} from a staging plan"
@@ -242,6 +242,7 @@ def snapshot(self:EpochUploader, model_state) -> Snapshot:
     except TypeError: sk = None  # keys JSON cannot keep: durable once the worker writes the checkpoint
     return Snapshot(state, slab, sk)
 
+# %% ../nbs/api/01d_uploader.ipynb #15f84fe2
 @patch
 def _take_slab(self:EpochUploader, key:tuple) -> Slab:
     with self._lock:
@@ -279,7 +280,6 @@ def _work(self:EpochUploader):
             self._run_job(job, state, hashes=hashes)
         except BaseException as e: self._errors.append(e); log.warning("Artifact worker error: %s", e)
         finally: self._queue.task_done()
-
 
 # %% ../nbs/api/01d_uploader.ipynb #9b899ed1
 @patch
@@ -330,6 +330,7 @@ def _spool(self:EpochUploader, job:Path, spec:dict, err:Exception) -> bool:
                 type(err).__name__, redact_text(str(err))[:200], dst)
     return False
 
+# %% ../nbs/api/01d_uploader.ipynb #6c464c17
 @patch
 def _park(self:EpochUploader, job:Path, spec:dict, state:Snapshot|None, e:OSError) -> bool:
     "Keep an epoch the disk had no room to write out: its slab moves into the job, the job into the spool; False"
@@ -390,6 +391,7 @@ def _sha(fut, f:Path) -> str:
     try: return fut.result()
     except Exception: return sha256_file(f)
 
+# %% ../nbs/api/01d_uploader.ipynb #c3e2d2e5
 @patch
 def _process(self:EpochUploader, job:Path, spec:dict, hashes:dict|None=None):
     t0, run_id, epoch, tree = time.perf_counter(), spec['run_id'], spec['epoch'], job/'tree'
@@ -419,7 +421,6 @@ def _process(self:EpochUploader, job:Path, spec:dict, hashes:dict|None=None):
     with self._lock: self._manifests.setdefault(run_id, {})[epoch] = manifest
     self._log_epoch_metrics(run_id, spec, up_bytes, up_files, dedup_bytes, time.perf_counter() - t0)
     for folder in spec['prune']: self._prune(run_id, folder)
-
 
 # %% ../nbs/api/01d_uploader.ipynb #e90ab660
 _STORED_KEYS = ('encoding', 'stored_size', 'stored_sha256')
@@ -513,6 +514,7 @@ def flush(self:EpochUploader, timeout:float|None=None):
         errs, self._errors = self._errors, []
         raise errs[0]
 
+# %% ../nbs/api/01d_uploader.ipynb #ce722a25
 @patch
 def close(self:EpochUploader, raise_errors:bool=True):
     "Flush, stop the worker and remove this uploader's staging folder"
@@ -551,6 +553,7 @@ def spooled(self:EpochUploader, run_id:str|None=None) -> list[Path]:
     jobs = [p for p in self.spool_dir.glob('*/job.json') if run_id is None or p.parent.name.startswith(run_id + '-')]
     return sorted((p.parent for p in jobs), key=_job_order)
 
+# %% ../nbs/api/01d_uploader.ipynb #5991100e
 @patch
 def _set_aside_jobless(self:EpochUploader):
     "Spool folders with no `job.json` (none the kit writes: a tampered or half-copied spool) go aside, saying so"

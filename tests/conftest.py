@@ -6,6 +6,16 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_mlflow_env():
+    """MLflow's `set_tracking_uri` also sets MLFLOW_TRACKING_URI in os.environ, for child processes; a test that opened
+    a tracker would otherwise send the next test's `coronary-mlops` subprocesses to its own, by then deleted, store"""
+    before = {k: v for k, v in os.environ.items() if k.startswith('MLFLOW_')}
+    yield
+    for k in [k for k in os.environ if k.startswith('MLFLOW_') and k not in before]: del os.environ[k]
+    os.environ.update(before)
+
+
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
     "An environment with no MLflow or kit variables, HOME and XDG_DATA_HOME in a temporary folder"

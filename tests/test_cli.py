@@ -105,18 +105,22 @@ def test_every_train_config_field_is_an_option_and_store_options_follow_the_subc
     a = cli_parser().parse_args(['train', '--experiment', 'X', '--synthetic', '4', '--store-dir', 'S', '--tracking-uri', 'U'])
     assert (a.command, a.experiment_name, a.store_dir, a.tracking_uri, a.synthetic) == ('train', 'X', 'S', 'U', 4)
     assert cli_parser().parse_args(['--experiment', 'Y', 'train', '--synthetic', '4']).experiment_name == 'Y'
+    OTHER = {'blend': 'constant'}  # a valid value of each text option other than its default
     for cmd in (['train', '--synthetic', '4'], ['demo']):
         argv = list(cmd)
         unset = {'pixdim': (0.4, 0.4, 0.5), 'window': (-100.0, 600.0), 'roi_size': (32, 32, 16)}  # planned when unset: a value of each
         for f in fields(TrainConfig):  # each field set to a value other than its default
             opt = '--' + f.name.replace('_', '-')
-            if f.default is None: argv.append(f"{opt}={','.join(map(str, unset[f.name]))}")  # = lets a value start with -
+            v = unset.get(f.name)
+            if f.default is None: argv.append(f"{opt}={','.join(map(str, v)) if isinstance(v, tuple) else v}")  # = lets a value start with -
             elif isinstance(f.default, bool): argv.append(f"--{'no-' if f.default else ''}{f.name.replace('_', '-')}")
             elif isinstance(f.default, tuple): argv += [opt, ','.join(str(x * 2) for x in f.default)]
+            elif isinstance(f.default, str): argv += [opt, OTHER[f.name]]
             else: argv += [opt, str(f.default + 1)]
         got = vars(cli_parser().parse_args(argv))
         want = {f.name: unset[f.name] if f.default is None else not f.default if isinstance(f.default, bool) else
-                tuple(x * 2 for x in f.default) if isinstance(f.default, tuple) else f.default + 1 for f in fields(TrainConfig)}
+                tuple(x * 2 for x in f.default) if isinstance(f.default, tuple) else OTHER[f.name] if isinstance(f.default, str)
+                else f.default + 1 for f in fields(TrainConfig)}
         assert {k: got[k] for k in want} == want
     old = cli_parser().parse_args(['train', '--synthetic', '4', '--lr', '0.1', '--roi', '32', '--no-amp', '--batch-size', '3',
                                    '--num-workers', '1'])

@@ -164,3 +164,23 @@ def test_a_vessel_the_prediction_breaks_costs_one_betti_0_error_on_an_anisotropi
     mask = seg(case['image'])['mask']
     assert betti_numbers(mask) == (2, 0) and betti_numbers(np.asanyarray(nib.load(case['label']).dataobj)) == (1, 0)
     assert (row['betti0_error'], row['betti1_error']) == (1, 0) and row['dice'] > 0.5
+
+
+def test_predict_tta_writes_the_uncertainty_on_the_scan_grid_and_averages_the_mirrorings(registered, tmp_path):
+    from coronary_mlops.predict import Preprocessing, Segmenter
+    s, uri, net = registered
+    case = tube_case(tmp_path/'scans')
+    r = run_cli('--store-dir', s.store_dir, '--experiment', s.experiment_name, 'predict', uri, case['image'],
+                '--out', str(tmp_path/'masks'), '--tta', '--quiet', '--device', 'cpu', check=False)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path/'masks').iterdir()) == ['case7_seg.nii.gz', 'case7_uncertainty.nii.gz']
+    u = nib.load(tmp_path/'masks'/'case7_uncertainty.nii.gz')
+    assert u.shape == nib.load(case['image']).shape and u.get_data_dtype() == np.float32
+    np.testing.assert_allclose(u.affine, AFFINE, atol=1e-5)
+    sd = np.asanyarray(u.dataobj)
+    assert sd.min() >= 0 and sd.max() > 0  # an untrained U-Net is not mirror-symmetric: the flips disagree somewhere
+    seg = Segmenter(net, Preprocessing(roi_size=(16, 16, 16)), device='cpu')
+    plain, mirrored = seg(case['image'])['prob'], seg(case['image'], tta=True)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path/'masks'/'case7_seg.nii.gz').dataobj),
+                                  mirrored['mask'])
+    assert not np.allclose(plain, mirrored['prob'])  # the mean of 8 mirrorings is not the plain pass

@@ -121,3 +121,12 @@ def test_a_data_folder_is_planned_from_its_fingerprint_and_the_plan_travels_with
     seg = load_segmenter(f"models:/{name}@champion", tracker.settings, device='cpu')
     assert seg.prep.pixdim == (0.6, 0.6, 0.9) and seg.prep.window == (fp['fg_hu_p00_5'], fp['fg_hu_p99_5'])
     assert len(res.cases) == 1 and res.cases[0]['true_ml'] > 0  # the held-out case, scored on its own grid
+    # inference at nnU-Net's defaults, and the post-processing chosen on validation, travel with the model too
+    assert (seg.prep.overlap, seg.prep.mode, seg.prep.tta) == (0.5, 'gaussian', False)
+    choice = json.loads((Path(tracker.client.download_artifacts(res.run_id, 'postprocess/choice.json', str(tmp_path)))
+                         ).read_text())
+    assert choice['chosen_min_component_mm3'] == seg.prep.min_component_mm3
+    assert [r['min_component_mm3'] for r in choice['tried']][0] == 0.0 and len(choice['tried']) > 1
+    tags = tracker.client.get_model_version(name, res.registered.split()[1][1:]).tags
+    assert {k: json.loads(tags['preprocessing'])[k] for k in ('overlap', 'blend', 'tta', 'min_component_mm3')} == \
+        dict(overlap=0.5, blend='gaussian', tta=False, min_component_mm3=seg.prep.min_component_mm3)

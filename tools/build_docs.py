@@ -20,6 +20,9 @@ from nbdev.config import get_config, nbpath2html
 _HREF = re.compile(r'(href|src)="([^"]*)"')
 _ID = re.compile(r'\sid="([^"]+)"')
 _MDLINK = re.compile(r'(\]\()([^)\s]+)(\))')
+# nbdev links every indexed name, private helpers too, but a page shows headings for public names only: such a link
+# would point at no anchor, so its text stays as plain code
+_PRIVATE_LINK = re.compile(r'\[(`_\w+`)\]\([^)\s]*#_[^)\s]*\)')
 IMAGES = ('.png', '.jpg', '.jpeg', '.gif', '.svg')
 
 
@@ -66,7 +69,7 @@ def _fix_links(text: str, page: Path, src_dir: Path, site: str) -> str:
     def sub(m):
         new = _local(m.group(2), page, src_dir, site)
         return m.group(0) if new is None else m.group(0).replace(m.group(2), new, 1)
-    return _MDLINK.sub(sub, _HREF.sub(sub, text))
+    return _MDLINK.sub(sub, _HREF.sub(sub, _PRIVATE_LINK.sub(r'\1', text)))
 
 
 def stage(cfg, proc: Path, out: Path) -> list:

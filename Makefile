@@ -49,8 +49,9 @@ outputs: install
 	$(BIN)/nbdev-test --n-workers 2 --save
 	$(BIN)/nbdev-clean
 
+# as root (a container) Jupyter refuses to start without --allow-root
 lab: install
-	$(BIN)/jupyter lab --notebook-dir=nbs
+	$(BIN)/jupyter lab --notebook-dir=nbs $(if $(filter 0,$(shell id -u)),--allow-root)
 
 ui: install
 	$(BIN)/coronary-mlops ui

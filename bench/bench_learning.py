@@ -292,7 +292,7 @@ def main():
                   orientations={o: sum(c['orientation'] == o for c in cases_info) for o in ('RAS', 'LPS')},
                   storage={s: sum(c['storage'] == s for c in cases_info) for s in {c['storage'] for c in cases_info}}),
         summary=summarize(runs, budget), runs=runs,
-        command='.venv/bin/python bench/bench_learning.py' + (' --quick' if a.quick else ''),
+        command=' '.join(['.venv/bin/python', 'bench/bench_learning.py', *sys.argv[1:]]),
         machine=dict(processor=platform.processor() or platform.machine(), cpus=os.cpu_count(),
                      python=platform.python_version(), torch=torch.__version__, torch_threads=torch.get_num_threads()))
     out = a.out or (work/'learning.json' if a.quick else OUT)

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from .config import Settings, load_settings, redact, check_reachable
 from .layout import (LAYOUT, check_key, check_name, epoch_file, folder_files,
                                    metric_value, plan_artifacts, safe_join, layout_markdown)
-from .storage import (CheckpointPolicy, atomic_torch_save, dumps_json, fmt_value, load_checkpoint,
+from .storage import (CheckpointPolicy, atomic_torch_save, dumps_json, fmt_value, load_checkpoint, utc_time,
                                     read_json, snapshot_state, to_jsonable, training_context)
 from .reader import ArtifactIntegrityError, RunReader, VerifyReport
 from .uploader import ArtifactUploadError, EpochUploader, Snapshot
@@ -266,7 +266,7 @@ def _final_summary(info:Mapping, best:Mapping) -> str:
     rows = '\n'.join(f"| {k} | {fmt_value(v)} |" for k, v in best.items())
     model = '\n'.join(f"- **{k}**: {v}" for k, v in info.items())
     return (f"# Final model\n## Best metrics\n| Metric | Value |\n|--------|-------|\n{rows}\n## Model\n{model}\n"
-            f"## Timestamp\nGenerated at: {int(time.time()*1000)}\n")
+            f"## Timestamp\nGenerated at: {utc_time(int(time.time() * 1000))}\n")
 
 # %% ../nbs/api/01_artifacts.ipynb #46224243
 @patch

@@ -210,7 +210,10 @@ def _plan_lines(cfg:TrainConfig, plan:dict, fp:dict, cache:dict) -> list[str]:
             f"{fp['fg_voxels']:,} voxels of {fp['fg_cases']} cases)",
             f"pixdim   : {cfg.pixdim} mm ({src('pixdim')})", f"window   : {cfg.window} ({src('window')})",
             f"patch    : {cfg.roi_size} voxels ({src('roi_size')}" + (f", about {plan['patch_gb']} GB a step of "
-            f"{plan['patch_memory_gb']} GB" if 'patch_gb' in plan else '') + ')', f"cache    : {cache_line(cache)}"]
+            f"{plan['patch_memory_gb']} GB" if 'patch_gb' in plan else '') + ')',
+            f"epoch    : {cfg.steps_per_epoch or 'one pass of'} steps of {cfg.batch_size} cases × "
+            f"{cfg.samples_per_case} patches; early stopping after {cfg.patience} validations without a gain",
+            f"cache    : {cache_line(cache)}"]
 
 # %% ../nbs/api/07_cli.ipynb #7a92afd5
 def plan_report(s:Settings,        # whose store keeps the findings
@@ -371,7 +374,9 @@ def main(argv:list[str]|None=None) -> int:
     if a.command == 'predict': return predict_scans(s, a.model, a.inputs, a.out, a.prob, a.device, a.quiet, a.tta)
     if a.command == 'evaluate': return evaluate_scores(s, a.pred, a.gt, a.out, a.log, a.method, a.workers, a.quiet)
     opts = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
-    if a.command == 'plan': return plan_report(s, a.data, a.device, a.quiet, **opts)
+    if a.command == 'plan':
+        try: return plan_report(s, a.data, a.device, a.quiet, **opts)
+        except (ValueError, TypeError) as e: print(f"coronary-mlops plan: {e}", file=sys.stderr); return 2  # bad options
     try:
         with ending_on_signals():  # SIGTERM and SIGHUP end the run KILLED, as Ctrl-C does
             if a.command == 'demo': demo(s, synthetic=a.synthetic, device=a.device, **opts)

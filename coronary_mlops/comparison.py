@@ -36,6 +36,7 @@ class RunComparison(Panel):
     IGNORE = ('epoch', 'timestamp', 'timestamp_ms', 'software.', 'git_commit', 'hostname', 'host', 'platform',
               'cases')  # per-case rows always differ; each epoch's summary shows them as a table
     CURVES = CURVES  # the histories overlaid, where the runs have them (`figures.CURVES`)
+    MACHINE_PARAMS = ('cache.budget_gb', 'cache.dir', 'plan.patch_memory_gb')  # the machine's, not the experiment's
 
     def __init__(self, run_ids:Sequence[str], # 2 to 8 run ids
                  epoch:int|None=None, # the epoch to compare; the last one all runs have when None
@@ -131,7 +132,7 @@ def _show_over_time(self:RunComparison):
                       for i in self.infos]
     keys = sorted(set().union(*(i.params for i in self.infos)))
     self.param_rows = [(k, *[i.params.get(k, '–') for i in self.infos]) for k in keys
-                       if len({i.params.get(k) for i in self.infos}) > 1]
+                       if len({i.params.get(k) for i in self.infos}) > 1 and k not in self.MACHINE_PARAMS]
     self.params.value = html_table(self.param_rows, ['param', *self.head]) if self.param_rows else '<i>none</i>'
     self._draw_curves()
 

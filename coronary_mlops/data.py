@@ -422,7 +422,9 @@ def transforms(roi_size=(64, 64, 64),       # patch size (voxels) of the random 
               RandCropByPosNegLabeld(keys, label_key='label', spatial_size=roi_size, pos=1, neg=1,
                                      num_samples=num_samples, image_key='image', allow_smaller=True),
               ToFloat(keys),  # the patches only, back to float32
-              RandFlipd(keys, prob=0.5, spatial_axis=0), RandRotate90d(keys, prob=0.3, spatial_axes=(0, 1)),
+              RandFlipd(keys, prob=0.5, spatial_axis=0),
+              # a quarter turn swaps x and y: only where the patch is square, or a batch mixes shapes
+              *([RandRotate90d(keys, prob=0.3, spatial_axes=(0, 1))] if roi_size[0] == roi_size[1] else []),
               RandScaleIntensityd('image', factors=0.1, prob=0.5), RandShiftIntensityd('image', offsets=0.05, prob=0.5)]
     return Compose(t + ([] if train else [ToFloat(keys)]) + [EnsureTyped(keys, track_meta=False)])
 

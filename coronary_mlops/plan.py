@@ -21,14 +21,15 @@ from .figures import live_bars
 from .distributed import pick_device
 
 # %% auto #0
-__all__ = ['PHANTOM_ROI', 'TrainConfig', 'build_model', 'network_config', 'preprocessing', 'patch_bytes_per_voxel',
-           'patch_memory', 'plan_patch', 'plan_run', 'make_datasets', 'cache_line']
+__all__ = ['PHANTOM_ROI', 'CPU_PATCH_VOXELS', 'CUDA_STEPS', 'CPU_STEPS', 'TrainConfig', 'build_model', 'network_config',
+           'preprocessing', 'patch_bytes_per_voxel', 'patch_memory', 'plan_patch', 'planned_steps', 'plan_run',
+           'make_datasets', 'cache_line']
 
 # %% ../nbs/api/05a_plan.ipynb #0cbf7d91
 @dataclass
 class TrainConfig:
     "Hyperparameters of a training run; all of them are logged as params"
-    epochs:int = 30                     # passes over the training cases
+    epochs:int = 30                     # epochs of `steps_per_epoch` optimiser steps
     batch_size:int = 2                  # cases per optimiser step; each gives `samples_per_case` patches
     learning_rate:float = 3e-3          # AdamW's learning rate at the start of the cosine schedule
     weight_decay:float = 1e-5           # AdamW's weight decay
@@ -39,9 +40,11 @@ class TrainConfig:
     channels:tuple = (16, 32, 64, 128)  # U-Net feature channels, one per level
     strides:tuple = (2, 2, 2)           # U-Net downsampling between levels
     num_res_units:int = 1               # residual units per U-Net block
-    samples_per_case:int = 4            # random patches cropped from each training case per epoch
+    samples_per_case:int = 4            # random patches cropped from a case each time it is drawn
+    steps_per_epoch:int|None = None     # optimiser steps an epoch; unset: 250 on CUDA, 50 on the CPU for a data
+                                        # folder, one pass for phantoms; 0: one pass over the training cases
     val_interval:int = 1                # validate every this many epochs
-    patience:int = 10                   # stop after this many validations without a val_dice gain
+    patience:int = 10                   # stop after this many validations (each val_interval epochs) without a gain
     min_delta:float = 1e-4              # the smallest val_dice gain that counts as one
     num_workers:int = 0                 # worker processes for loading and caching
     cache:bool = True                   # cache the deterministic transforms (in memory, or on disk over budget)
@@ -58,6 +61,7 @@ class TrainConfig:
     def __post_init__(self):
         for k in ('epochs', 'batch_size', 'samples_per_case', 'val_interval', 'patience'):
             if getattr(self, k) < 1: raise ValueError(f"{k} must be at least 1, got {getattr(self, k)}")
+        if (self.steps_per_epoch or 0) < 0: raise ValueError(f"steps_per_epoch must be 0 or more, got {self.steps_per_epoch}")
         if self.roi_size is not None and (len(self.roi_size) != 3 or min(self.roi_size) < 8):
             raise ValueError(f"roi_size must be three sizes of at least 8, got {self.roi_size}")
         div = 2 ** len(self.strides)
@@ -133,14 +137,25 @@ def plan_patch(extent_mm,             # the median case's size in mm, RAS order 
                pixdim,                # the planned spacing (mm)
                cfg:TrainConfig,       # the network, `batch_size` and `samples_per_case`
                memory:int,            # bytes a step may take (`patch_memory`)
+               max_voxels:int|None=None, # and at most this many voxels (`CPU_PATCH_VOXELS` on the CPU)
               ) -> dict:              # roi_size, and the estimate it rests on
-    "The largest patch up to the median case whose training step fits `memory`, shrinking the longest side first"
+    "The largest patch up to the median case (and `max_voxels`) whose step fits `memory`, longest side shrunk first"
     div, per_voxel, patches = 2 ** len(cfg.strides), patch_bytes_per_voxel(cfg), cfg.batch_size * cfg.samples_per_case
-    p = [max(2 * div, int(e / s) // div * div) for e, s in zip(extent_mm, pixdim)]
+    low = max(8, 2 * div)  # the smallest patch `TrainConfig` takes, and two of the network's strides
+    p = [max(low, int(e / s) // div * div) for e, s in zip(extent_mm, pixdim)]
     need = lambda p: 2 * per_voxel * patches * math.prod(p)  # saved activations, and their gradients at the peak
-    while need(p) > memory and max(p) > 2 * div: p[int(np.argmax(p))] -= div
+    too_big = lambda p: need(p) > memory or (max_voxels is not None and math.prod(p) > max_voxels)
+    while too_big(p) and max(p) > low: p[int(np.argmax(p))] -= div
     return dict(roi_size=tuple(p), gb=round(need(p) / 2**30, 2), memory_gb=round(memory / 2**30, 2),
                 bytes_per_voxel=round(per_voxel, 1))
+
+# %% ../nbs/api/05a_plan.ipynb #3ed62684
+CPU_PATCH_VOXELS = 64 ** 3  # the largest patch planned for the CPU: a step of 8 patches takes about a second
+CUDA_STEPS, CPU_STEPS = 250, 50  # optimiser steps an epoch on a data folder: nnU-Net's 250; 50 on the CPU
+
+def planned_steps(device=None) -> int:
+    "Optimiser steps an epoch for a data folder when `steps_per_epoch` is unset: `CUDA_STEPS` or `CPU_STEPS`"
+    return CUDA_STEPS if pick_device(device).type == 'cuda' else CPU_STEPS
 
 # %% ../nbs/api/05a_plan.ipynb #83ce4aad
 def plan_run(cfg:TrainConfig,                  # what is set wins
@@ -148,18 +163,22 @@ def plan_run(cfg:TrainConfig,                  # what is set wins
              phantom:PhantomConfig|None=None,  # given for phantoms: their own spacing, `CT_WINDOW` and `PHANTOM_ROI`
              device=None,                      # whose memory the patch must fit; default `pick_device()`
             ) -> tuple[TrainConfig, dict]:     # (`cfg` planned, the plan to log as `plan.*`)
-    "Fill `cfg`'s unset spacing, window and patch from the cases' `fingerprint` and the memory, as nnU-Net plans"
-    if phantom is not None: return cfg.planned(phantom.spacing), dict(source='phantoms')
+    "Fill `cfg`'s unset spacing, window, patch and steps from the cases' `fingerprint` and the device, as nnU-Net plans"
+    if phantom is not None:  # an epoch of phantoms: one pass (0) unless set, so the demo and lessons stay quick
+        return replace(cfg.planned(phantom.spacing), steps_per_epoch=cfg.steps_per_epoch or 0), dict(source='phantoms')
     unset = [k for k in ('pixdim', 'window', 'roi_size') if getattr(cfg, k) is None]
-    if not unset: return cfg, dict(source='set')
+    steps = planned_steps(device) if cfg.steps_per_epoch is None else cfg.steps_per_epoch
+    if not unset: return replace(cfg, steps_per_epoch=steps), dict(source='set')
     fp = fingerprint(cases, seed=cfg.seed)
     p = plan_preprocessing(fp) if {'pixdim', 'window'} & set(unset) else {}
     roi, patch = cfg.roi_size, {}
     if roi is None:
-        patch = plan_patch(fp['extent_mm_median'], cfg.pixdim or p['pixdim'], cfg, patch_memory(device))
+        cap = CPU_PATCH_VOXELS if pick_device(device).type == 'cpu' else None  # the CPU's limit is time
+        patch = plan_patch(fp['extent_mm_median'], cfg.pixdim or p['pixdim'], cfg, patch_memory(device), cap)
         roi = patch.pop('roi_size')
-    return cfg.planned(p.get('pixdim'), p.get('window'), roi), dict(source='fingerprint', planned=', '.join(unset),
-                                                                    **fp, **{f"patch_{k}": v for k, v in patch.items()})
+    cfg = replace(cfg.planned(p.get('pixdim'), p.get('window'), roi), steps_per_epoch=steps)
+    return cfg, dict(source='fingerprint', planned=', '.join(unset),
+                     **fp, **{f"patch_{k}": v for k, v in patch.items()})
 
 def make_datasets(cfg:TrainConfig,                   # split fractions, seed, ROI, spacing, caching, patches per case
                   data_dir=None,                     # a folder of image/label pairs (ImageCAS, ASOCA or Decathlon)

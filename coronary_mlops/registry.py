@@ -225,7 +225,7 @@ def get_version(name:str,                # the registered model
         return client.get_model_version_by_alias(name, alias)
 
 def model_uri(name:str, alias:str='champion') -> str:
-    "The URI that loads the version `alias` points at, e.g. with `mlflow.pytorch.load_model`"
+    "The URI that loads the version `alias` points at: `mlflow.pyfunc.load_model` for a kit model (a pyfunc)"
     return f"models:/{name}@{alias}"
 
 # %% ../nbs/api/03_registry.ipynb #07d8ed5c

@@ -98,7 +98,7 @@ def score_case(pair:dict) -> dict:
     return dict(case=pair['case'], **case_metrics(p, l, read_header(pair['label'])[1]))  # non-zero labels: vessel
 
 # %% ../nbs/api/04d_score.ipynb #b5dd416e
-GB_PER_WORKER = 3.0  # the peak memory of scoring one 512×512×250 case (bench/results/inference.json)
+GB_PER_WORKER = 3.0  # an estimate of scoring one 512×512×250 case: two masks, distance maps, skeletons (not measured yet)
 
 def _one_thread():
     import torch; torch.set_num_threads(1)  # the processes share the cores: no thread pools within each

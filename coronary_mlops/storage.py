@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib, errno, gzip, hashlib, json, math, mmap, os, pickle, re, shutil, socket, subprocess, sys
 import tempfile, uuid
 from dataclasses import asdict, is_dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -23,7 +23,7 @@ __all__ = ['NONFINITE', 'CHUNK', 'to_jsonable', 'dumps_json', 'read_json', 'sha2
            'gunzip_sha256', 'gzip_file', 'pid_alive', 'sweep_stale_temps', 'atomic_torch_save', 'UnsafeCheckpointError',
            'load_checkpoint', 'write_atomic', 'snapshot_state', 'state_tensors', 'no_room', 'disk_error', 'Slab',
            'read_slab', 'check_writable', 'skeleton', 'from_skeleton', 'software_versions', 'training_context',
-           'fmt_value', 'epoch_summary', 'CheckpointPolicy']
+           'fmt_value', 'utc_time', 'epoch_summary', 'CheckpointPolicy']
 
 # %% ../nbs/api/01b_storage.ipynb #cb2211c7
 NONFINITE = {'NaN': math.nan, 'Infinity': math.inf, '-Infinity': -math.inf}
@@ -340,6 +340,12 @@ def fmt_value(v) -> str:
     if isinstance(v, float): return f"{v:.6f}" if math.isfinite(v) else _float(v)
     return str(v)
 
+# %% ../nbs/api/01b_storage.ipynb #fdcefbff
+def utc_time(ms:int) -> str:
+    "A timestamp of ms since the Unix epoch as people read it, UTC, with the raw value kept for tools"
+    try: return f"{datetime.fromtimestamp(ms / 1000, timezone.utc):%Y-%m-%d %H:%M:%S} UTC ({ms} ms)"
+    except (ValueError, OverflowError, OSError): return f"not a date ({ms} ms)"  # ns given as ms, say
+
 # %% ../nbs/api/01b_storage.ipynb #f028c751
 def epoch_summary(epoch:int, # the epoch
                   metrics:Mapping, # {name: value}
@@ -357,7 +363,7 @@ def epoch_summary(epoch:int, # the epoch
     lines.append("## Artifacts")
     for kind, p in paths.items():
         for one in ([p] if isinstance(p, str) else p): lines.append(f"- **{kind}**: `/{one}`")
-    return '\n'.join(lines + ["## Timestamp", f"Generated at: {timestamp_ms}", ""])
+    return '\n'.join(lines + ["## Timestamp", f"Generated at: {utc_time(timestamp_ms)}", ""])
 
 # %% ../nbs/api/01b_storage.ipynb #6933dc50
 class CheckpointPolicy:

@@ -6,7 +6,7 @@ Docs: https://coronary-mlops.github.io/coronary_mlops/api/train.html.md"""
 
 # %% ../nbs/api/05_train.ipynb #387a2e2b
 from __future__ import annotations
-import json, logging, math, shutil, sys, tempfile, time
+import json, logging, math, random, shutil, sys, tempfile, time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
@@ -19,6 +19,8 @@ from monai.data import DataLoader
 from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+from mlflow.utils.name_utils import _generate_random_name
+from torch.utils.data import RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 from .layout import (OVERLAY_FILE, TAG_BEST_CHECKPOINT, TAG_BEST_EPOCH, TAG_EARLY_STOP, TAG_STOP_REQUEST,
                                    TAG_STOPPED, TAG_TASK, TAG_TEST_MISSING)
@@ -41,7 +43,8 @@ _all_ = ['TrainConfig']  # `from coronary_mlops.train import TrainConfig, train`
 # %% auto #0
 __all__ = ['CURVES_BUDGET', 'TAG_POSTPROCESS', 'NonFiniteLossError', 'TrainingOOMError', 'oom_hint', 'TrainResult', 'Loaders',
            'make_loaders', 'TrainParts', 'build_parts', 'train_epoch', 'validate', 'EarlyStopping', 'save_volumes',
-           'EpochFiler', 'Monitor', 'run_description', 'version_tags', 'version_description', 'train', 'TrainConfig']
+           'EpochFiler', 'Monitor', 'run_description', 'version_tags', 'version_description', 'fresh_run_name', 'train',
+           'TrainConfig']
 
 # %% ../nbs/api/05_train.ipynb #8774f92c
 log = logging.getLogger('coronary_mlops.train')
@@ -95,14 +98,19 @@ class Loaders:
     train:DataLoader; val:DataLoader; sampler:DistributedSampler|None = None
 
 def make_loaders(ds:dict, cfg:TrainConfig, proc:DistContext|None=None) -> Loaders:
-    "Seeded, shuffled training batches of `cfg.batch_size` cases, and validation volumes one by one"
+    "Seeded training batches of `cfg.batch_size` cases (`cfg.steps_per_epoch` of them, else one pass); validation volumes one by one"
     proc = proc or DistContext()
     def shard(d, shuffle, **kw):
         if proc.world == 1: return None
         return DistributedSampler(d, num_replicas=proc.world, rank=proc.rank, shuffle=shuffle, **kw)
-    sampler = shard(ds['train'], True, seed=cfg.seed)
-    train = DataLoader(ds['train'], batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                       num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.steps_per_epoch:  # nnU-Net's epoch: a fixed number of steps, cases drawn with replacement (per process)
+        sampler, draw = None, RandomSampler(ds['train'], replacement=True, generator=torch.Generator().manual_seed(
+            cfg.seed + proc.rank), num_samples=cfg.steps_per_epoch * cfg.batch_size)
+        train = DataLoader(ds['train'], batch_size=cfg.batch_size, sampler=draw, num_workers=cfg.num_workers)
+    else:  # one shuffled pass over the training cases
+        sampler = shard(ds['train'], True, seed=cfg.seed)
+        train = DataLoader(ds['train'], batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                           num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     val = DataLoader(ds['val'], batch_size=1, num_workers=cfg.num_workers, sampler=shard(ds['val'], False))
     return Loaders(train, val, sampler)
 
@@ -510,13 +518,20 @@ def version_description(res:TrainResult, cfg:TrainConfig) -> str:
             "- `mlflow models serve -m models:/<name>@<alias> --env-manager local`\n\n"
             f"The bare network (torch): `mlflow.pytorch.load_model('{res.model_uri}')`.")
 
+# %% ../nbs/api/05_train.ipynb #ebe765d8
+def fresh_run_name() -> str:
+    "A name from MLflow's generator (`adjective-animal-123`) that no seed repeats, leaving the seeded `random` as it was"
+    state = random.getstate(); random.seed()  # from the OS's entropy: two runs with one seed get two names
+    try: return _generate_random_name()
+    finally: random.setstate(state)
+
 # %% ../nbs/api/05_train.ipynb #2ea5a135
 def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainConfig.from_settings` of the tracker's
           *,
           data_dir=None,                   # a folder of image/label pairs; without it, phantoms
           synthetic:int|None=None,         # the number of phantoms (default 12)
           tracker:MLflowTracker|None=None, # where the run goes; default: `MLflowTracker()` on `load_settings()`
-          run_name:str|None=None,          # the MLflow run name; default: MLflow's
+          run_name:str|None=None,          # the MLflow run name; default: a fresh one from MLflow's generator
           resume:str|None=None,            # a run id: continue its epochs from its best checkpoint, in that run
           register:bool=False,             # register the final model and point `alias` at it
           alias:str='champion',            # the alias `register` sets
@@ -529,6 +544,7 @@ def train(cfg:TrainConfig|None=None,       # hyperparameters; default: `TrainCon
          ) -> TrainResult:
     "Train a coronary segmentation model with full tracking; see above for what is logged"
     t_start = time.time()
+    if run_name is None and resume is None: run_name = fresh_run_name()  # before the seeding, which would repeat it
     tracker, base = tracker_for(tracker, *dist_info()[:2])
     if dist_info()[0] == 0: check_writable(base.store_dir)  # a read-only store fails here, before any run
     cfg = cfg or TrainConfig.from_settings(base)

@@ -68,7 +68,7 @@ def test_epoch_tree_is_the_documented_layout(store):
     summary = Path(store.client.download_artifacts(store.run_id, paths['summary'], str(t/'dl'))).read_text()
     assert summary.startswith('# Epoch 5 Summary\n## Metrics\n| Metric | Value |\n|--------|-------|\n| train_loss | 0.150000 |')
     assert '- **training_curves**: `/visualizations/training_curves/epoch_005/curves.png`' in summary
-    assert int(summary.split('Generated at: ')[1]) > 1.7e12
+    assert int(summary.split('Generated at: ')[1].split('(')[1].split(' ms)')[0]) > 1.7e12 and ' UTC (' in summary  # read as UTC
     r = store.client.get_run(store.run_id)
     assert r.data.metrics['artifacts/files'] == len(expected) and r.data.metrics['artifacts/bytes'] > 1000
     assert 'artifacts/seconds' in r.data.metrics

@@ -108,7 +108,8 @@ def test_every_train_config_field_is_an_option_and_store_options_follow_the_subc
     OTHER = {'blend': 'constant'}  # a valid value of each text option other than its default
     for cmd in (['train', '--synthetic', '4'], ['demo']):
         argv = list(cmd)
-        unset = {'pixdim': (0.4, 0.4, 0.5), 'window': (-100.0, 600.0), 'roi_size': (32, 32, 16)}  # planned when unset: a value of each
+        unset = {'pixdim': (0.4, 0.4, 0.5), 'window': (-100.0, 600.0), 'roi_size': (32, 32, 16),
+                     'steps_per_epoch': 7}  # planned when unset: a value of each
         for f in fields(TrainConfig):  # each field set to a value other than its default
             opt = '--' + f.name.replace('_', '-')
             v = unset.get(f.name)

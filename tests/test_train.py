@@ -97,6 +97,7 @@ def test_torchrun_two_processes_log_like_one(clean_env):
     runs = {e: c.search_runs([c.get_experiment_by_name(e).experiment_id]) for e in ('one', 'two')}
     assert len(runs['one']) == 1 and len(runs['two']) == 1
     r1, r2 = runs['one'][0], runs['two'][0]
+    assert r1.info.run_name != r2.info.run_name  # two CLI trainings with one seed: two names (issue 29)
     assert r2.info.status == 'FINISHED' and set(r1.data.metrics) == set(r2.data.metrics)
     for key in ('train_loss', 'val_dice', 'val_cldice', 'val_hd95', 'lr'):
         assert [m.step for m in c.get_metric_history(r2.info.run_id, key)] == [m.step for m in c.get_metric_history(r1.info.run_id, key)] == [0, 1]
@@ -115,6 +116,9 @@ def test_a_data_folder_is_planned_from_its_fingerprint_and_the_plan_travels_with
     p = tracker.client.get_run(res.run_id).data.params
     fp = fingerprint(discover(tmp_path/'data'), seed=TrainConfig().seed)  # what the run should have planned from
     assert p['plan.source'] == 'fingerprint' and json.loads(p['pixdim']) == [0.6, 0.6, 0.9]
+    # a data folder's epoch is a fixed number of optimiser steps (nnU-Net's epoch), planned for the device: the CPU's here
+    from coronary_mlops.plan import CPU_STEPS
+    assert p['steps_per_epoch'] == str(CPU_STEPS) == str(len(tracker.client.get_metric_history(res.run_id, 'train/loss')))
     assert json.loads(p['window']) == [fp['fg_hu_p00_5'], fp['fg_hu_p99_5']]
     assert json.loads(p['plan.spacing_median']) == [0.6, 0.6, 0.9] and int(p['plan.fg_voxels']) > 0
     name = res.registered.split()[0]  # 'name vN @champion'

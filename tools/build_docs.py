@@ -22,7 +22,10 @@ _ID = re.compile(r'\sid="([^"]+)"')
 _MDLINK = re.compile(r'(\]\()([^)\s]+)(\))')
 # nbdev links every indexed name, private helpers too, but a page shows headings for public names only: such a link
 # would point at no anchor, so its text stays as plain code
-_PRIVATE_LINK = re.compile(r'\[(`_\w+`)\]\([^)\s]*#_[^)\s]*\)')
+_PRIVATE_LINK = re.compile(r'\[(`_\w+`)\]\([^)\s]*#_[^)\s]*\)(?:\{[^{}\n]*\})?')
+# nbdev's source links carry Quarto's attributes (`[source](url){target="_blank" style=...}`), which the notebook
+# renderer of MkDocs prints as text: they become an HTML link with those attributes
+_QUARTO_ATTRS = re.compile(r'\[((?:[^\[\]\n]|\[[^\]\n]*\])+)\]\(([^)\s]+)\)\{([^{}\n]*=[^{}\n]*)\}')  # [x] inside too
 IMAGES = ('.png', '.jpg', '.jpeg', '.gif', '.svg')
 
 
@@ -69,7 +72,8 @@ def _fix_links(text: str, page: Path, src_dir: Path, site: str) -> str:
     def sub(m):
         new = _local(m.group(2), page, src_dir, site)
         return m.group(0) if new is None else m.group(0).replace(m.group(2), new, 1)
-    return _MDLINK.sub(sub, _HREF.sub(sub, _PRIVATE_LINK.sub(r'\1', text)))
+    text = _QUARTO_ATTRS.sub(r'<a href="\2" \3>\1</a>', _PRIVATE_LINK.sub(r'\1', text))
+    return _MDLINK.sub(sub, _HREF.sub(sub, text))
 
 
 def stage(cfg, proc: Path, out: Path) -> list:
